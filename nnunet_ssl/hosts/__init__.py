@@ -1,0 +1,1 @@
+"""Hosts decide where the reference prediction comes from (EMA teacher, weak view, second network)."""

@@ -1,0 +1,1 @@
+"""Losses and weightings: how each voxel of the two predictions is used. Pure functions on tensors."""
