@@ -1,0 +1,41 @@
+"""nnU-Net's DDP path with two gloo processes on CPU: one teacher on all ranks, one unlabeled batch per rank."""
+
+from __future__ import annotations
+
+import socket
+
+import torch
+import torch.multiprocessing as mp
+from ddp_worker import run_rank
+from helpers import case_ids, write_budget_splits
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mean_teacher_under_ddp_with_two_gloo_ranks(copy_planned, tmp_path):
+    pp = copy_planned["root"] / "preprocessed" / copy_planned["dataset"]
+    ids = case_ids(pp)
+    write_budget_splits(pp, ids[:2], ids[2:4], ids[4:])
+    mp.spawn(run_rank, args=(2, str(copy_planned["root"]), copy_planned["dataset"], _free_port(), str(tmp_path)),
+             nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    for r in (r0, r1):
+        assert r["is_ddp"] and r["ddp_wrapped"]
+        # the plans' batch of 2 is split over the two ranks, and so is the unlabeled batch
+        assert r["batch_size"] == 1 and r["unlabeled_batch_size"] == 1
+        assert r["ssl_step"] == 6
+    # identical students (DDP) and identical teachers (same EMA of the same students) on both ranks
+    for k in r0["student"]:
+        assert torch.equal(r0["student"][k], r1["student"][k]), k
+    for k in r0["teacher"]:
+        assert torch.equal(r0["teacher"][k], r1["teacher"][k]), k
+    # each rank drew its own unlabeled patches
+    assert len(r0["view_sums"]) == len(r1["view_sums"]) >= 6
+    assert r0["view_sums"] != r1["view_sums"]
+    out = copy_planned["root"] / "results" / copy_planned["dataset"] / \
+        "nnUNetTrainerMeanTeacher__nnUNetPlans__3d_fullres" / "fold_0"
+    assert (out / "checkpoint_final.pth").is_file() and (out / "checkpoint_final_teacher.pth").is_file()

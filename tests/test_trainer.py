@@ -1,0 +1,141 @@
+"""The SSL trainer base and Mean Teacher, built in-process on the synthetic dataset."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from helpers import case_ids, make_trainer, write_budget_splits
+
+from nnunet_ssl.errors import SSLInputError
+from nnunet_ssl.trainers import nnUNetTrainerMeanTeacher
+from nnunet_ssl.trainers.base import unwrap
+from nnunet_ssl.utils.schedules import sigmoid_rampup
+
+
+def _budget(ds: dict) -> tuple[list[str], list[str], list[str]]:
+    pp = ds["root"] / "preprocessed" / ds["dataset"]
+    ids = case_ids(pp)
+    labeled, val, unlabeled = ids[:2], ids[2:4], ids[4:]
+    write_budget_splits(pp, labeled, val, unlabeled)
+    return labeled, val, unlabeled
+
+
+def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_mean_teacher_ema_lambda_and_checkpoint_roundtrip(copy_planned, monkeypatch, tmp_path):
+    _budget(copy_planned)
+    trainer = make_trainer(nnUNetTrainerMeanTeacher, copy_planned["root"], copy_planned["dataset"], monkeypatch,
+                           epochs=3, iterations=4)
+    trainer.on_train_start()
+    try:
+        student = unwrap(trainer.network)
+        # the teacher is not part of the network nnU-Net saves and predicts with
+        assert not any(m is trainer.teacher for m in trainer.network.modules())
+        assert set(student.state_dict()) == set(trainer.teacher.state_dict())
+        trainer.on_train_epoch_start()
+
+        trainer.train_step(next(trainer.dataloader_train))  # update 0: alpha = 0, teacher = student
+        for k, v in student.state_dict().items():
+            assert torch.equal(trainer.teacher.state_dict()[k], v), k
+        before = _params(trainer.teacher)
+        trainer.train_step(next(trainer.dataloader_train))  # update 1: alpha = 0.5
+        after_student = _params(student)
+        for name, p in trainer.teacher.named_parameters():
+            assert torch.allclose(p, 0.5 * before[name] + 0.5 * after_student[name], atol=1e-6), name
+        assert trainer.ssl_step == 2
+        total = 3 * 4
+        assert trainer.current_lambda() == pytest.approx(0.1 * sigmoid_rampup(2, 0.2 * total))
+        assert trainer.unlabeled_batch_size_per_rank == trainer.batch_size
+
+        ckpt = tmp_path / "ckpt.pth"
+        trainer.save_checkpoint(str(ckpt))
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        assert saved["ssl_state"]["ssl_step"] == 2
+        assert set(saved["network_weights"]) == set(student.state_dict())  # plain nnU-Net network
+
+        resumed = make_trainer(nnUNetTrainerMeanTeacher, copy_planned["root"], copy_planned["dataset"],
+                               monkeypatch, epochs=3, iterations=4, continue_training=True)
+        resumed.load_checkpoint(str(ckpt))
+        assert resumed.ssl_step == 2 and resumed.current_lambda() == trainer.current_lambda()
+        for k, v in trainer.teacher.state_dict().items():
+            assert torch.equal(resumed.teacher.state_dict()[k], v), k
+        # a restored teacher is not overwritten by the student when training resumes
+        resumed.on_train_start()
+        for k, v in trainer.teacher.state_dict().items():
+            assert torch.equal(resumed.teacher.state_dict()[k], v), k
+        resumed.on_train_end()
+    finally:
+        trainer.on_train_end()
+    assert (trainer.output_folder and (copy_planned["root"] / "results").exists())
+    final_teacher = torch.load(f"{trainer.output_folder}/checkpoint_final_teacher.pth", weights_only=False)
+    for k, v in trainer.teacher.state_dict().items():
+        assert torch.equal(final_teacher["network_weights"][k].cpu(), v.cpu()), k
+
+
+def _first_step(ds, monkeypatch):
+    trainer = make_trainer(nnUNetTrainerMeanTeacher, ds["root"], ds["dataset"], monkeypatch, seed=123)
+    trainer.on_train_start()
+    trainer.on_train_epoch_start()
+    out = trainer.train_step(next(trainer.dataloader_train))
+    weights = _params(unwrap(trainer.network))
+    trainer.on_train_end()
+    return out["loss"], weights
+
+
+def test_labels_of_unlabeled_cases_are_never_read(copy_planned, monkeypatch, tmp_path):
+    _, _, unlabeled = _budget(copy_planned)
+    loss_a, weights_a = _first_step(copy_planned, monkeypatch)
+
+    garbage = copy.copy(copy_planned)
+    garbage["root"] = tmp_path / "garbage"
+    for sub in ("raw", "preprocessed"):
+        shutil.copytree(copy_planned["root"] / sub, garbage["root"] / sub)
+    (garbage["root"] / "results").mkdir()
+    pp = garbage["root"] / "preprocessed" / garbage["dataset"]
+    rng = np.random.default_rng(0)
+    for case in unlabeled:
+        for f in [pp / "nnUNetPlans_3d_fullres" / f"{case}_seg.b2nd", pp / "nnUNetPlans_3d_fullres" / f"{case}.pkl",
+                  pp / "gt_segmentations" / f"{case}.nii.gz",
+                  garbage["root"] / "raw" / garbage["dataset"] / "labelsTr" / f"{case}.nii.gz"]:
+            f.write_bytes(rng.bytes(f.stat().st_size))
+    loss_b, weights_b = _first_step(garbage, monkeypatch)
+    assert np.array_equal(loss_a, loss_b)
+    for k in weights_a:
+        assert torch.equal(weights_a[k], weights_b[k]), k
+
+
+def test_refuses_to_start_without_unlabeled_data(copy_planned, monkeypatch):
+    pp = copy_planned["root"] / "preprocessed" / copy_planned["dataset"]
+    ids = case_ids(pp)
+    write_budget_splits(pp, ids[:6], ids[6:], [])
+    trainer = make_trainer(nnUNetTrainerMeanTeacher, copy_planned["root"], copy_planned["dataset"], monkeypatch)
+    trainer.initialize()
+    with pytest.raises(SSLInputError, match="no unlabeled data .*nnUNetv2_ssl_preprocess_unlabeled"):
+        trainer.get_unlabeled_dataloader()
+
+
+def test_refuses_unlabeled_ids_that_are_training_cases(copy_planned, monkeypatch):
+    pp = copy_planned["root"] / "preprocessed" / copy_planned["dataset"]
+    labeled, _, _ = _budget(copy_planned)
+    # a preprocessed "unlabeled" case that carries a labeled case's id
+    unl = pp / "nnUNetPlans_3d_fullres_unlabeled"
+    unl.mkdir()
+    shutil.copy(pp / "nnUNetPlans_3d_fullres" / f"{labeled[0]}.b2nd", unl / f"{labeled[0]}.b2nd")
+    trainer = make_trainer(nnUNetTrainerMeanTeacher, copy_planned["root"], copy_planned["dataset"], monkeypatch)
+    trainer.initialize()
+    with pytest.raises(SSLInputError, match=f"{labeled[0]}.*rename"):
+        trainer.get_unlabeled_dataloader()
+
+
+def test_bad_schedule_variable_is_one_clear_error(copy_planned, monkeypatch):
+    from nnunet_ssl.trainers.base import nnUNetTrainerSupervised
+
+    with pytest.raises(SSLInputError, match="nnUNet_ssl_epochs='ten' must be an integer"):
+        make_trainer(nnUNetTrainerSupervised, copy_planned["root"], copy_planned["dataset"], monkeypatch,
+                     epochs="ten")
