@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
@@ -37,3 +38,51 @@ def make_trainer(cls, root: Path, dataset: str, monkeypatch, fold: int = 0, conf
 def case_ids(pp_dataset: Path) -> list[str]:
     return sorted(p.name[: -len(".b2nd")] for p in (pp_dataset / "nnUNetPlans_3d_fullres").glob("*.b2nd")
                   if not p.name.endswith("_seg.b2nd"))
+
+
+def train_resume_predict(root: Path, dataset_id: int, dataset: str, trainer: str, predict_input: Path,
+                         configuration: str = "3d_fullres", iterations: int = 2) -> dict:
+    """nnUNetv2_train for 1 epoch, --c to 2 epochs, nnUNetv2_predict with the final checkpoint and, where the
+    trainer writes one, with checkpoint_final_teacher.pth. Returns paths and the two training logs."""
+    from conftest import nnunet_env, run_cli
+
+    env = nnunet_env(root, training=True)
+    env.update(nnUNet_ssl_iterations_per_epoch=str(iterations), nnUNet_ssl_val_iterations="1", nnUNet_ssl_seed="0")
+    train = ["nnUNetv2_train", str(dataset_id), configuration, "0", "-tr", trainer, "-device", "cpu"]
+    first = run_cli(train, env={**env, "nnUNet_ssl_epochs": "1"})
+    second = run_cli([*train, "--c"], env={**env, "nnUNet_ssl_epochs": "2"})
+    out = root / "results" / dataset / f"{trainer}__nnUNetPlans__{configuration}" / "fold_0"
+    predictions = {}
+    checkpoints = ["checkpoint_final.pth"] + (["checkpoint_final_teacher.pth"]
+                                              if (out / "checkpoint_final_teacher.pth").exists() else [])
+    for chk in checkpoints:
+        target = root / f"pred_{chk.removesuffix('.pth')}"
+        run_cli(["nnUNetv2_predict", "-i", str(predict_input), "-o", str(target), "-d", str(dataset_id), "-c",
+                 configuration, "-f", "0", "-tr", trainer, "-chk", chk, "-device", "cpu", "-npp", "1", "-nps", "1"],
+                env=env)
+        predictions[chk] = target
+    return {"output": out, "first": first, "second": second, "predictions": predictions, "iterations": iterations}
+
+
+def assert_trained_resumed_predicted(result: dict, images: Path, file_ending: str = ".nii.gz") -> None:
+    import SimpleITK as sitk
+
+    out = result["output"]
+    for f in ("checkpoint_final.pth", "checkpoint_final_teacher.pth", "progress.png", "progress_ssl.png",
+              "validation/summary.json"):
+        assert (out / f).is_file(), f
+    final = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 2
+    # SSL counters continued across --c: two epochs of iterations, one logged value per epoch
+    assert final["ssl_state"]["ssl_step"] == 2 * result["iterations"]
+    assert len(final["logging"]["ssl_lambda"]) == 2 and len(final["logging"]["ssl_reference_dice"]) == 2
+    # the resumed run continued at epoch 1 and did not redo epoch 0
+    assert "Epoch 1" in result["second"].stdout and "Epoch 0\n" not in result["second"].stdout
+    for target in result["predictions"].values():
+        for img in sorted(images.glob(f"*_0000{file_ending}")):
+            case = img.name[: -len(f"_0000{file_ending}")]
+            pred_file = target / f"{case}{file_ending}"
+            assert pred_file.is_file(), pred_file
+            pred, ref = sitk.ReadImage(str(pred_file)), sitk.ReadImage(str(img))
+            assert pred.GetSize() == ref.GetSize()
+            assert np.allclose(pred.GetSpacing(), ref.GetSpacing()) and np.allclose(pred.GetOrigin(), ref.GetOrigin())

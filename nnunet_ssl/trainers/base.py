@@ -250,9 +250,9 @@ class nnUNetTrainerSSL(ScheduleFromEnvironment, nnUNetTrainer):
         super().on_train_start()
 
     def get_dataloaders(self):
-        dl_tr, dl_val = super().get_dataloaders()
+        # unlabeled first: a missing pool fails before nnU-Net starts its background workers
         self.dataloader_unlabeled = self.get_unlabeled_dataloader()
-        return dl_tr, dl_val
+        return super().get_dataloaders()
 
     def unlabeled_sources(self) -> list[tuple[str, list[str]]]:
         """(folder, case ids) of the unlabeled pool: preprocessed imagesUnlabeled and the 'unlabeled' list of this

@@ -1,0 +1,35 @@
+"""The command-line pipeline a user runs, on the synthetic dataset: preprocess unlabeled images and simulate a
+label budget, train Mean Teacher, resume with --c, predict with the student and the teacher."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import nnunet_env, run_cli
+from helpers import assert_trained_resumed_predicted, train_resume_predict
+
+pytestmark = pytest.mark.slow
+
+
+def test_mean_teacher_pipeline_from_the_command_line(copy_planned):
+    root, ds = copy_planned["root"], copy_planned["dataset"]
+    env = nnunet_env(root, training=False)
+    run_cli(["nnUNetv2_ssl_preprocess_unlabeled", "-d", "990", "-c", "3d_fullres", "-np", "2"], env=env)
+    run_cli(["nnUNetv2_ssl_make_splits", "-d", "990", "--num-labeled", "3", "--seed", "0"], env=env)
+    result = train_resume_predict(root, 990, ds, "nnUNetTrainerMeanTeacher", root / "raw" / ds / "imagesTs")
+    assert_trained_resumed_predicted(result, root / "raw" / ds / "imagesTs")
+    # both sources feed the pool: 4 preprocessed unlabeled images + the 3 budget-unlabeled cases of fold 0
+    log = result["first"].stdout
+    assert "unlabeled pool:" in log
+    pool_size = int(log.split("unlabeled pool:")[1].split()[0])
+    assert pool_size > 4
+
+
+def test_ssl_trainer_without_unlabeled_data_fails_with_one_line(copy_planned):
+    env = nnunet_env(copy_planned["root"], training=True)
+    proc = run_cli(["nnUNetv2_train", "990", "3d_fullres", "0", "-tr", "nnUNetTrainerMeanTeacher", "-device", "cpu"],
+                   env=env, check=False)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("nnunet-ssl: error: no unlabeled data for Dataset990_SSLSynthetic")
+    assert "nnUNetv2_ssl_preprocess_unlabeled" in last and "nnUNetv2_ssl_make_splits" in last
