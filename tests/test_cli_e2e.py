@@ -3,6 +3,8 @@ label budget, train Mean Teacher, resume with --c, predict with the student and 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from conftest import nnunet_env, run_cli
 from helpers import assert_trained_resumed_predicted, train_resume_predict
@@ -14,6 +16,12 @@ def test_mean_teacher_pipeline_from_the_command_line(copy_planned):
     root, ds = copy_planned["root"], copy_planned["dataset"]
     env = nnunet_env(root, training=False)
     run_cli(["nnUNetv2_ssl_preprocess_unlabeled", "-d", "990", "-c", "3d_fullres", "-np", "2"], env=env)
+    unlabeled = root / "preprocessed" / ds / "nnUNetPlans_3d_fullres_unlabeled"
+    before = {p.name: p.read_bytes() for p in unlabeled.glob("*.*")}
+    assert len([n for n in before if n.endswith(".b2nd") and not n.endswith("_seg.b2nd")]) == 4
+    # nnU-Net's own preprocessing wipes its configuration folder when it re-runs, but not ours beside it
+    run_cli(["nnUNetv2_preprocess", "-d", "990", "-c", "3d_fullres", "-np", "2"], env=env)
+    assert {p.name: p.read_bytes() for p in unlabeled.glob("*.*")} == before
     run_cli(["nnUNetv2_ssl_make_splits", "-d", "990", "--num-labeled", "3", "--seed", "0"], env=env)
     result = train_resume_predict(root, 990, ds, "nnUNetTrainerMeanTeacher", root / "raw" / ds / "imagesTs")
     assert_trained_resumed_predicted(result, root / "raw" / ds / "imagesTs")
@@ -33,3 +41,12 @@ def test_ssl_trainer_without_unlabeled_data_fails_with_one_line(copy_planned):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("nnunet-ssl: error: no unlabeled data for Dataset990_SSLSynthetic")
     assert "nnUNetv2_ssl_preprocess_unlabeled" in last and "nnUNetv2_ssl_make_splits" in last
+
+
+def test_trainer_listing_and_ext_path():
+    proc = run_cli(["nnUNetv2_ssl_trainers"])
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("nnUNetTrainer")]
+    assert [line.split()[0] for line in lines] == ["nnUNetTrainerMeanTeacher", "nnUNetTrainerSupervised"]
+    assert all(len(line.split(None, 1)) == 2 for line in lines)  # a name and a one-line description
+    path = run_cli(["nnUNetv2_ssl_trainers", "--path"]).stdout.strip()
+    assert (Path(path) / "nnunet_ssl_trainers.py").is_file()

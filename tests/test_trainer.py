@@ -139,3 +139,44 @@ def test_bad_schedule_variable_is_one_clear_error(copy_planned, monkeypatch):
     with pytest.raises(SSLInputError, match="nnUNet_ssl_epochs='ten' must be an integer"):
         make_trainer(nnUNetTrainerSupervised, copy_planned["root"], copy_planned["dataset"], monkeypatch,
                      epochs="ten")
+
+
+def test_pretrained_weights_also_initialise_the_teacher(copy_planned, monkeypatch, tmp_path):
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+    _budget(copy_planned)
+    trainer = make_trainer(nnUNetTrainerMeanTeacher, copy_planned["root"], copy_planned["dataset"], monkeypatch)
+    trainer.initialize()  # what nnUNetv2_train -pretrained_weights does before loading
+    pretrained = {k: v + 0.5 if v.is_floating_point() else v for k, v in unwrap(trainer.network).state_dict().items()}
+    torch.save({"network_weights": pretrained}, tmp_path / "pretrained.pth")
+    load_pretrained_weights(trainer.network, str(tmp_path / "pretrained.pth"), verbose=False)
+    trainer.on_train_start()
+    try:
+        for k, v in unwrap(trainer.network).state_dict().items():
+            assert torch.equal(trainer.teacher.state_dict()[k], v), k
+        assert any(torch.equal(trainer.teacher.state_dict()[k], pretrained[k]) for k in pretrained
+                   if ".seg_layers." not in k and pretrained[k].is_floating_point())
+    finally:
+        trainer.on_train_end()
+
+
+def test_unlabeled_loader_in_background_workers_shuts_down(copy_planned, monkeypatch):
+    from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+
+    _budget(copy_planned)
+    trainer = make_trainer(nnUNetTrainerMeanTeacher, copy_planned["root"], copy_planned["dataset"], monkeypatch)
+    monkeypatch.setenv("nnUNet_n_proc_DA", "2")  # honoured like nnU-Net's own loaders
+    trainer.on_train_start()
+    loader = trainer.dataloader_unlabeled
+    try:
+        assert isinstance(loader, NonDetMultiThreadedAugmenter) and loader.num_processes == 1
+        trainer.on_train_epoch_start()
+        trainer.train_step(next(trainer.dataloader_train))
+        workers = list(loader._processes)
+        assert workers and all(p.is_alive() for p in workers)
+    finally:
+        trainer.on_train_end()
+    for p in workers:
+        p.join(timeout=10)
+    assert not any(p.is_alive() for p in workers)
+    assert trainer.dataloader_unlabeled is None

@@ -167,3 +167,14 @@ def test_views_share_geometry_and_differ_in_nnunet_intensity_augmentation():
     for j in range(2):
         assert torch.equal(seen[2 * j], batch["view0"][j]) and torch.equal(seen[2 * j + 1], batch["view0"][j])
         assert not torch.allclose(batch["view1"][j], batch["view2"][j])
+
+
+def test_unwrap_and_deep_supervision_helpers():
+    from nnunet_ssl.trainers.base import full_resolution, split_batch, unwrap
+
+    net = nn.Linear(2, 2)
+    assert unwrap(torch.compile(net)) is net  # compile is lazy: no compilation happens here
+    outputs = [torch.arange(6.0).reshape(3, 2), torch.arange(3.0).reshape(3, 1)]
+    head, tail = split_batch(outputs, 2)
+    assert [t.shape[0] for t in head] == [2, 2] and [t.shape[0] for t in tail] == [1, 1]
+    assert full_resolution(outputs) is outputs[0] and full_resolution(outputs[1]) is outputs[1]
