@@ -1,6 +1,21 @@
-"""The nnUNetTrainer subclasses users select with ``nnUNetv2_train ... -tr NAME``."""
+"""The nnUNetTrainer subclasses users select with ``nnUNetv2_train ... -tr NAME``: hosts x losses."""
 
 from nnunet_ssl.trainers.base import nnUNetTrainerSupervised
+from nnunet_ssl.trainers.cps import nnUNetTrainerCPS
+from nnunet_ssl.trainers.fixmatch import nnUNetTrainerFixMatch
 from nnunet_ssl.trainers.mean_teacher import nnUNetTrainerMeanTeacher
+from nnunet_ssl.trainers.metassl import (
+    nnUNetTrainerCPSMetaSSL,
+    nnUNetTrainerFixMatchMetaSSL,
+    nnUNetTrainerMeanTeacherMetaSSL,
+)
 
-__all__ = ["nnUNetTrainerMeanTeacher", "nnUNetTrainerSupervised"]
+__all__ = [
+    "nnUNetTrainerCPS",
+    "nnUNetTrainerCPSMetaSSL",
+    "nnUNetTrainerFixMatch",
+    "nnUNetTrainerFixMatchMetaSSL",
+    "nnUNetTrainerMeanTeacher",
+    "nnUNetTrainerMeanTeacherMetaSSL",
+    "nnUNetTrainerSupervised",
+]

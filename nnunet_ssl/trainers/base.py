@@ -134,8 +134,11 @@ class nnUNetTrainerSSL(ScheduleFromEnvironment, nnUNetTrainer):
     view_intensity: tuple[bool, ...] = (True, True)
     #: confidence above which a pseudo-label voxel counts as covered (logged statistic)
     confidence_threshold: float = 0.95
+    #: whether the loss also needs the reference prediction on labeled images (labeled_loss)
+    uses_labeled_reference: bool = False
     #: what the reference model is called in logs and plots
     reference_name: str = "reference"
+    student_name: str = "student"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -154,6 +157,8 @@ class nnUNetTrainerSSL(ScheduleFromEnvironment, nnUNetTrainer):
         self.dataloader_unlabeled = None
         self.unlabeled_batch_size_per_rank: int | None = None
         self._ssl_state_restored = False
+        #: which (supervised, reference) pair a loss call evaluates; symmetric hosts such as CPS set it per call
+        self.loss_direction = 0
         self._epoch_stats: list[dict] = []
         for key in self.ssl_log_keys():
             self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
@@ -175,6 +180,16 @@ class nnUNetTrainerSSL(ScheduleFromEnvironment, nnUNetTrainer):
 
     def reference_logits(self, views: dict[str, torch.Tensor]) -> torch.Tensor:
         """Full-resolution logits of the reference prediction (no gradient)."""
+        raise NotImplementedError
+
+    def reference_logits_labeled(self, data: torch.Tensor) -> torch.Tensor:
+        """Full-resolution reference logits on the labeled images (only if ``uses_labeled_reference``)."""
+        raise NotImplementedError
+
+    def labeled_loss(self, student_logits: torch.Tensor, reference_logits: torch.Tensor,
+                     target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Extra loss on labeled images that needs the reference (e.g. MetaSSL's labeled branch), weighted by
+        lambda like the unsupervised loss; only called if ``uses_labeled_reference``."""
         raise NotImplementedError
 
     def unsupervised_loss(self, student_logits: torch.Tensor, reference_logits: torch.Tensor,
@@ -207,7 +222,7 @@ class nnUNetTrainerSSL(ScheduleFromEnvironment, nnUNetTrainer):
             ("unsupervised weight", {"lambda": "ssl_lambda"}),
             ("pseudo-labels", {"mean confidence": "ssl_confidence",
                                f"coverage (conf >= {self.confidence_threshold})": "ssl_coverage"}),
-            ("validation pseudo-Dice", {"student": "mean_fg_dice", self.reference_name: "ssl_reference_dice"}),
+            ("validation pseudo-Dice", {self.student_name: "mean_fg_dice", self.reference_name: "ssl_reference_dice"}),
         ]
 
     # ------------------------------------------------------------------ schedule
@@ -365,6 +380,34 @@ class nnUNetTrainerSSL(ScheduleFromEnvironment, nnUNetTrainer):
     def _no_autocast(self):
         return autocast(self.device.type, enabled=False) if self.device.type == "cuda" else dummy_context()
 
+    def trainable(self) -> list[tuple[nn.Module, torch.optim.Optimizer]]:
+        """(network, optimizer) pairs stepped every iteration."""
+        return [(self.network, self.optimizer)]
+
+    def forward_losses(self, data: torch.Tensor, target, views: dict[str, torch.Tensor]):
+        """Returns (supervised loss, unsupervised loss before lambda, statistics) for one step.
+
+        One forward through the (DDP) student on labeled + unlabeled: one gradient sync per step, and with nnU-Net's
+        per-sample InstanceNorm the concatenation changes nothing. The unsupervised part runs in float32."""
+        n_labeled = data.shape[0]
+        with self._autocast():
+            output = self.network(torch.cat([data, self.student_input(views)], 0))
+            out_labeled, out_unlabeled = split_batch(output, n_labeled)
+            sup_loss = self.loss(out_labeled, target)
+            with torch.no_grad():
+                reference = self.reference_logits(views)
+                reference_labeled = self.reference_logits_labeled(data) if self.uses_labeled_reference else None
+        with self._no_autocast():
+            unsup_loss, stats = self.unsupervised_loss(full_resolution(out_unlabeled).float(), reference.float(),
+                                                       views)
+            stats = {**confidence_stats(reference, self.confidence_threshold, self.regions), **stats}
+            if reference_labeled is not None:
+                lab_loss, lab_stats = self.labeled_loss(full_resolution(out_labeled).float(),
+                                                        reference_labeled.float(), full_resolution(target))
+                unsup_loss = unsup_loss + lab_loss
+                stats.update(lab_stats)
+        return sup_loss, unsup_loss, stats
+
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
@@ -372,34 +415,26 @@ class nnUNetTrainerSSL(ScheduleFromEnvironment, nnUNetTrainer):
             else target.to(self.device, non_blocking=True)
         unlabeled = next(self.dataloader_unlabeled)
         views = {k: v.to(self.device, non_blocking=True) for k, v in unlabeled.items() if k.startswith("view")}
-        n_labeled = data.shape[0]
         lam = self.current_lambda()
-
-        self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            # one forward through the (DDP) network on labeled + unlabeled: one gradient sync per step, and with
-            # nnU-Net's per-sample InstanceNorm the concatenation changes nothing
-            output = self.network(torch.cat([data, self.student_input(views)], 0))
-            out_labeled, out_unlabeled = split_batch(output, n_labeled)
-            sup_loss = self.loss(out_labeled, target)
-            with torch.no_grad():
-                reference = self.reference_logits(views)
+        pairs = self.trainable()
+        for _, optimizer in pairs:
+            optimizer.zero_grad(set_to_none=True)
+        sup_loss, unsup_loss, stats = self.forward_losses(data, target, views)
         with self._no_autocast():
-            unsup_loss, stats = self.unsupervised_loss(full_resolution(out_unlabeled).float(), reference.float(),
-                                                       views)
-            stats = {**confidence_stats(reference, self.confidence_threshold, self.regions), **stats}
             loss = sup_loss.float() + lam * unsup_loss
-
         if self.grad_scaler is not None:
+            # one scaler for all optimizers, as GradScaler supports
             self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
+            for network, optimizer in pairs:
+                self.grad_scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
+                self.grad_scaler.step(optimizer)
             self.grad_scaler.update()
         else:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+            for network, optimizer in pairs:
+                torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
+                optimizer.step()
         self.after_optimizer_step()
         self.ssl_step += 1
         self._epoch_stats.append({"ssl_sup_loss": float(sup_loss.detach()),
