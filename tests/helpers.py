@@ -53,10 +53,9 @@ def train_resume_predict(root: Path, dataset_id: int, dataset: str, trainer: str
     second = run_cli([*train, "--c"], env={**env, "nnUNet_ssl_epochs": "2"})
     out = root / "results" / dataset / f"{trainer}__nnUNetPlans__{configuration}" / "fold_0"
     predictions = {}
-    checkpoints = ["checkpoint_final.pth"] + (["checkpoint_final_teacher.pth"]
-                                              if (out / "checkpoint_final_teacher.pth").exists() else [])
+    checkpoints = ["checkpoint_final.pth"] + sorted(p.name for p in out.glob("checkpoint_final_*.pth"))
     for chk in checkpoints:
-        target = root / f"pred_{chk.removesuffix('.pth')}"
+        target = root / f"pred_{trainer}_{chk.removesuffix('.pth')}"
         run_cli(["nnUNetv2_predict", "-i", str(predict_input), "-o", str(target), "-d", str(dataset_id), "-c",
                  configuration, "-f", "0", "-tr", trainer, "-chk", chk, "-device", "cpu", "-npp", "1", "-nps", "1"],
                 env=env)
@@ -64,13 +63,21 @@ def train_resume_predict(root: Path, dataset_id: int, dataset: str, trainer: str
     return {"output": out, "first": first, "second": second, "predictions": predictions, "iterations": iterations}
 
 
-def assert_trained_resumed_predicted(result: dict, images: Path, file_ending: str = ".nii.gz") -> None:
+TRAINERS = ["nnUNetTrainerMeanTeacher", "nnUNetTrainerFixMatch", "nnUNetTrainerCPS", "nnUNetTrainerMeanTeacherMetaSSL",
+            "nnUNetTrainerFixMatchMetaSSL", "nnUNetTrainerCPSMetaSSL"]
+EXTRA_CHECKPOINTS = {"MeanTeacher": ["checkpoint_final_teacher.pth"], "CPS": ["checkpoint_final_net2.pth"],
+                     "FixMatch": []}
+
+
+def assert_trained_resumed_predicted(result: dict, images: Path, trainer: str, file_ending: str = ".nii.gz") -> None:
     import SimpleITK as sitk
 
     out = result["output"]
-    for f in ("checkpoint_final.pth", "checkpoint_final_teacher.pth", "progress.png", "progress_ssl.png",
-              "validation/summary.json"):
+    host = next(h for h in EXTRA_CHECKPOINTS if trainer.startswith(f"nnUNetTrainer{h}"))
+    for f in ("checkpoint_final.pth", "progress.png", "progress_ssl.png", "validation/summary.json",
+              *EXTRA_CHECKPOINTS[host]):
         assert (out / f).is_file(), f
+    assert set(result["predictions"]) == {"checkpoint_final.pth", *EXTRA_CHECKPOINTS[host]}
     final = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert final["current_epoch"] == 2
     # SSL counters continued across --c: two epochs of iterations, one logged value per epoch

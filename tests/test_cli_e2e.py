@@ -3,31 +3,43 @@ label budget, train Mean Teacher, resume with --c, predict with the student and 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 from conftest import nnunet_env, run_cli
-from helpers import assert_trained_resumed_predicted, train_resume_predict
+from helpers import TRAINERS, assert_trained_resumed_predicted, train_resume_predict
 
 pytestmark = pytest.mark.slow
 
 
-def test_mean_teacher_pipeline_from_the_command_line(copy_planned):
-    root, ds = copy_planned["root"], copy_planned["dataset"]
+
+@pytest.fixture(scope="module")
+def prepared(synthetic_planned, tmp_path_factory) -> dict:
+    """A private copy with preprocessed unlabeled images and a 3-label budget, shared by the trainer runs."""
+    root = tmp_path_factory.mktemp("e2e")
+    for sub in ("raw", "preprocessed"):
+        shutil.copytree(synthetic_planned["root"] / sub, root / sub)
+    ds = synthetic_planned["dataset"]
     env = nnunet_env(root, training=False)
     run_cli(["nnUNetv2_ssl_preprocess_unlabeled", "-d", "990", "-c", "3d_fullres", "-np", "2"], env=env)
     unlabeled = root / "preprocessed" / ds / "nnUNetPlans_3d_fullres_unlabeled"
-    before = {p.name: p.read_bytes() for p in unlabeled.glob("*.*")}
+    before = {p.name: p.read_bytes() for p in unlabeled.iterdir() if p.is_file()}
     assert len([n for n in before if n.endswith(".b2nd") and not n.endswith("_seg.b2nd")]) == 4
     # nnU-Net's own preprocessing wipes its configuration folder when it re-runs, but not ours beside it
     run_cli(["nnUNetv2_preprocess", "-d", "990", "-c", "3d_fullres", "-np", "2"], env=env)
-    assert {p.name: p.read_bytes() for p in unlabeled.glob("*.*")} == before
+    assert {p.name: p.read_bytes() for p in unlabeled.iterdir() if p.is_file()} == before
     run_cli(["nnUNetv2_ssl_make_splits", "-d", "990", "--num-labeled", "3", "--seed", "0"], env=env)
-    result = train_resume_predict(root, 990, ds, "nnUNetTrainerMeanTeacher", root / "raw" / ds / "imagesTs")
-    assert_trained_resumed_predicted(result, root / "raw" / ds / "imagesTs")
-    # both sources feed the pool: 4 preprocessed unlabeled images + the 3 budget-unlabeled cases of fold 0
+    return {"root": root, "dataset": ds}
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_trainer_pipeline_from_the_command_line(trainer, prepared):
+    root, ds = prepared["root"], prepared["dataset"]
+    result = train_resume_predict(root, 990, ds, trainer, root / "raw" / ds / "imagesTs")
+    assert_trained_resumed_predicted(result, root / "raw" / ds / "imagesTs", trainer)
+    # both sources feed the pool: 4 preprocessed unlabeled images + the budget-unlabeled cases of fold 0
     log = result["first"].stdout
-    assert "unlabeled pool:" in log
     pool_size = int(log.split("unlabeled pool:")[1].split()[0])
     assert pool_size > 4
 

@@ -8,13 +8,16 @@ import shutil
 
 import pytest
 from conftest import HIPPOCAMPUS, nnunet_env, run_cli
-from helpers import assert_trained_resumed_predicted, train_resume_predict
+from helpers import TRAINERS, assert_trained_resumed_predicted, train_resume_predict
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata,
               pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason="../shared/data/Dataset004_Hippocampus not found")]
 
 
-def test_mean_teacher_pipeline_on_hippocampus(tmp_path):
+@pytest.fixture(scope="module")
+def hippocampus(tmp_path_factory) -> dict:
+    """8 labeled and 3 unlabeled training cases, planned and preprocessed once for all trainers."""
+    tmp_path = tmp_path_factory.mktemp("hippocampus")
     source = sorted(p.name[: -len("_0000.nii.gz")] for p in (HIPPOCAMPUS / "imagesTr").glob("*_0000.nii.gz"))
     labeled, unlabeled = source[:8], source[8:11]
     ds = "Dataset004_Hippocampus"
@@ -36,5 +39,11 @@ def test_mean_teacher_pipeline_on_hippocampus(tmp_path):
     run_cli(["nnUNetv2_ssl_make_splits", "-d", "4", "--num-labeled", "3"], env=env)
     splits = json.loads((tmp_path / "preprocessed" / ds / "splits_final.json").read_text())
     assert len(splits[0]["train"]) == 3 and len(splits[0]["unlabeled"]) >= 2
-    result = train_resume_predict(tmp_path, 4, ds, "nnUNetTrainerMeanTeacher", raw / "imagesUnlabeled")
-    assert_trained_resumed_predicted(result, raw / "imagesUnlabeled")
+    return {"root": tmp_path, "dataset": ds, "raw": raw}
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_trainer_pipeline_on_hippocampus(trainer, hippocampus):
+    root, ds, raw = hippocampus["root"], hippocampus["dataset"], hippocampus["raw"]
+    result = train_resume_predict(root, 4, ds, trainer, raw / "imagesUnlabeled")
+    assert_trained_resumed_predicted(result, raw / "imagesUnlabeled", trainer)
