@@ -27,7 +27,8 @@ class _Recorder:
             self.inner._finish()
 
 
-def run_rank(rank: int, world: int, root: str, dataset: str, port: int, out_dir: str) -> None:
+def run_rank(rank: int, world: int, root: str, dataset: str, port: int, out_dir: str,
+             trainer_name: str = "nnUNetTrainerMeanTeacher") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), nnUNet_raw=f"{root}/raw",
                       nnUNet_preprocessed=f"{root}/preprocessed", nnUNet_results=f"{root}/results",
                       nnUNet_n_proc_DA="0", nnUNet_compile="f", nnUNet_ssl_epochs="2",
@@ -35,13 +36,13 @@ def run_rank(rank: int, world: int, root: str, dataset: str, port: int, out_dir:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from nnunet_ssl.trainers import nnUNetTrainerMeanTeacher
+        from nnunet_ssl import trainers
         from nnunet_ssl.trainers.base import unwrap
 
         pp = Path(root) / "preprocessed" / dataset
         plans = load_json(str(pp / "nnUNetPlans.json"))
         plans["continue_training"] = False
-        trainer = nnUNetTrainerMeanTeacher(plans, "3d_fullres", 0, load_json(str(pp / "dataset.json")),
+        trainer = getattr(trainers, trainer_name)(plans, "3d_fullres", 0, load_json(str(pp / "dataset.json")),
                                            torch.device("cpu"))
         make_loader = trainer.get_unlabeled_dataloader
         recorders = []
@@ -57,7 +58,7 @@ def run_rank(rank: int, world: int, root: str, dataset: str, port: int, out_dir:
             "ddp_wrapped": isinstance(trainer.network, torch.nn.parallel.DistributedDataParallel),
             "batch_size": trainer.batch_size,
             "unlabeled_batch_size": trainer.unlabeled_batch_size_per_rank,
-            "teacher": {k: v.cpu() for k, v in trainer.teacher.state_dict().items()},
+            "reference": {k: v.cpu() for k, v in unwrap(trainer.reference_network()).state_dict().items()},
             "student": {k: v.cpu() for k, v in unwrap(trainer.network).state_dict().items()},
             "view_sums": recorders[-1].sums,
             "ssl_step": trainer.ssl_step,

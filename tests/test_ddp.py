@@ -1,9 +1,11 @@
-"""nnU-Net's DDP path with two gloo processes on CPU: one teacher on all ranks, one unlabeled batch per rank."""
+"""nnU-Net's DDP path with two gloo processes on CPU: one reference model on all ranks, one unlabeled batch per
+rank."""
 
 from __future__ import annotations
 
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from ddp_worker import run_rank
@@ -16,26 +18,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_mean_teacher_under_ddp_with_two_gloo_ranks(copy_planned, tmp_path):
+@pytest.mark.parametrize("trainer", ["nnUNetTrainerMeanTeacher", "nnUNetTrainerCPSMetaSSL"])
+def test_ssl_trainer_under_ddp_with_two_gloo_ranks(trainer, copy_planned, tmp_path):
     pp = copy_planned["root"] / "preprocessed" / copy_planned["dataset"]
     ids = case_ids(pp)
     write_budget_splits(pp, ids[:2], ids[2:4], ids[4:])
-    mp.spawn(run_rank, args=(2, str(copy_planned["root"]), copy_planned["dataset"], _free_port(), str(tmp_path)),
-             nprocs=2, join=True)
+    mp.spawn(run_rank, args=(2, str(copy_planned["root"]), copy_planned["dataset"], _free_port(), str(tmp_path),
+                             trainer), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     for r in (r0, r1):
         assert r["is_ddp"] and r["ddp_wrapped"]
         # the plans' batch of 2 is split over the two ranks, and so is the unlabeled batch
         assert r["batch_size"] == 1 and r["unlabeled_batch_size"] == 1
         assert r["ssl_step"] == 6
-    # identical students (DDP) and identical teachers (same EMA of the same students) on both ranks
+    # identical students (DDP) and identical reference models on both ranks: the EMA of identical students, or
+    # CPS's second network (its own DDP wrapper)
     for k in r0["student"]:
         assert torch.equal(r0["student"][k], r1["student"][k]), k
-    for k in r0["teacher"]:
-        assert torch.equal(r0["teacher"][k], r1["teacher"][k]), k
+    for k in r0["reference"]:
+        assert torch.equal(r0["reference"][k], r1["reference"][k]), k
     # each rank drew its own unlabeled patches
     assert len(r0["view_sums"]) == len(r1["view_sums"]) >= 6
     assert r0["view_sums"] != r1["view_sums"]
     out = copy_planned["root"] / "results" / copy_planned["dataset"] / \
-        "nnUNetTrainerMeanTeacher__nnUNetPlans__3d_fullres" / "fold_0"
-    assert (out / "checkpoint_final.pth").is_file() and (out / "checkpoint_final_teacher.pth").is_file()
+        f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
+    extra = "checkpoint_final_teacher.pth" if "MeanTeacher" in trainer else "checkpoint_final_net2.pth"
+    assert (out / "checkpoint_final.pth").is_file() and (out / extra).is_file()

@@ -136,6 +136,8 @@ class nnUNetTrainerSSL(ScheduleFromEnvironment, nnUNetTrainer):
     confidence_threshold: float = 0.95
     #: whether the loss also needs the reference prediction on labeled images (labeled_loss)
     uses_labeled_reference: bool = False
+    #: hosts with hard argmax pseudo-labels cannot train region-based (sigmoid, overlapping) datasets
+    needs_argmax_labels: bool = False
     #: what the reference model is called in logs and plots
     reference_name: str = "reference"
     student_name: str = "student"
@@ -152,6 +154,9 @@ class nnUNetTrainerSSL(ScheduleFromEnvironment, nnUNetTrainer):
                 f"configuration '{configuration}' is cascaded; SSL trainers support only non-cascaded configurations "
                 "(e.g. 3d_fullres, 2d, 3d_lowres)"
             )
+        if self.needs_argmax_labels and self.label_manager.has_regions:
+            raise SSLInputError(f"{type(self).__name__} needs argmax pseudo-labels; region-based (BraTS-style) "
+                                "datasets are not supported, use nnUNetTrainerMeanTeacher")
         self.apply_environment()
         self.ssl_step = 0
         self.dataloader_unlabeled = None

@@ -6,7 +6,6 @@ import torch
 from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as _nnunet_trainer_module
 from torch import nn
 
-from nnunet_ssl.errors import SSLInputError
 from nnunet_ssl.losses.consistency import confidence_stats
 from nnunet_ssl.losses.pseudo_label import hard_pseudo_labels, masked_cross_entropy
 from nnunet_ssl.trainers.base import full_resolution, nnUNetTrainerSSL, split_batch, unwrap
@@ -38,13 +37,7 @@ class nnUNetTrainerCPS(nnUNetTrainerSSL):
     unsupervised_weight = 0.1
     reference_name = "network 2"
     student_name = "network 1"
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        if self.label_manager.has_regions:
-            raise SSLInputError(f"{type(self).__name__} needs argmax pseudo-labels; region-based (BraTS-style) "
-                                "datasets are not supported, use nnUNetTrainerMeanTeacher")
+    needs_argmax_labels = True
 
     def build_ssl_modules(self) -> None:
         # the generator has moved on since network 1 was built, so network 2 gets a different initialisation

@@ -46,13 +46,11 @@ class nnUNetTrainerFixMatch(nnUNetTrainerSSL):
     confidence_threshold = 0.95
     cutmix_probability = 0.5
     unsupervised_loss_type = "ce"
+    needs_argmax_labels = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        if self.label_manager.has_regions:
-            raise SSLInputError(f"{type(self).__name__} needs argmax pseudo-labels; region-based (BraTS-style) "
-                                "datasets are not supported, use nnUNetTrainerMeanTeacher")
         if self.unsupervised_loss_type not in ("ce", "dice", "ce+dice"):
             raise SSLInputError(f"unsupervised_loss_type={self.unsupervised_loss_type!r} is unknown; set it to 'ce', "
                                 "'dice' or 'ce+dice'")
