@@ -29,7 +29,7 @@ from typing import Any
 
 from nnunet_ssl.data import datasets
 from nnunet_ssl.data.layout import RAW_UNLABELED_SUBFOLDER, unlabeled_preprocessed_folder
-from nnunet_ssl.errors import SSLInputError
+from nnunet_ssl.errors import SSLInputError, exit_code_of
 
 #: bookkeeping subfolder of each ``_unlabeled`` folder
 META_SUBFOLDER = ".nnunet_ssl"
@@ -415,13 +415,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        preprocess_unlabeled(args.d, args.c, plans_identifier=args.p, num_processes=args.num_processes)
-    except SSLInputError as e:
-        sys.stdout.flush()
-        print(f"nnunet-ssl: error: {e.message}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code_of(
+        lambda: preprocess_unlabeled(args.d, args.c, plans_identifier=args.p, num_processes=args.num_processes))
 
 
 if __name__ == "__main__":

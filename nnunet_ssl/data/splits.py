@@ -24,7 +24,7 @@ import numpy as np
 
 from nnunet_ssl.data import datasets
 from nnunet_ssl.data.layout import SPLITS_UNLABELED_KEY
-from nnunet_ssl.errors import SSLInputError
+from nnunet_ssl.errors import SSLInputError, exit_code_of
 
 SPLITS_FILE = datasets.SPLITS_FILE
 ORIGINAL_SPLITS_FILE = "splits_final.original.json"
@@ -225,18 +225,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
+
+    def command() -> None:
         if args.restore:
             if args.num_labeled is not None or args.fraction is not None:
                 raise SSLInputError("--restore takes no budget; drop --num-labeled/--fraction")
             restore_original_splits(args.d)
         else:
             make_label_budget_splits(args.d, num_labeled=args.num_labeled, fraction=args.fraction, seed=args.seed)
-    except SSLInputError as e:
-        sys.stdout.flush()
-        print(f"nnunet-ssl: error: {e.message}", file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_code_of(command)
 
 
 if __name__ == "__main__":
