@@ -1,0 +1,1 @@
+"""Honest evaluation: metrics in millimetres, label-budget benchmarks, CPU plans and throughput."""

@@ -1,0 +1,252 @@
+"""The benchmark report: tables, paired per-case tests against the supervised baseline, and plots.
+
+Per run, a test case's score is the mean over foreground classes (Dice, NSD) or the NaN-aware mean (HD95, whose
+one-sided empty cases are NaN under the evaluation's convention). For the paired comparison of trainer T with the
+baseline at one budget, each test case's difference is averaged over the seeds both have finished, so each case
+counts once: n = number of test cases. The test is the two-sided Wilcoxon signed-rank test on those differences;
+the 95 % interval of the mean difference is a percentile bootstrap over cases (10,000 resamples, seed 0).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_ssl.evaluation.benchmark import BASELINE, FULL, SETTINGS_FILE, BenchmarkSettings, Paths, run_matrix
+
+
+def _float(x: str) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def case_scores(per_case_csv: Path) -> dict[str, dict[str, float]]:
+    """case -> {'dice', 'hd95', 'nsd'} averaged over foreground classes (NaN-aware) from ``per_case.csv``."""
+    by_case: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    with open(per_case_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                for metric in ("dice", "hd95", "nsd"):
+                    if key == metric or key.startswith(metric + "_"):
+                        by_case[row["case"]][metric].append(_float(value))
+    out = {}
+    for case, metrics in by_case.items():
+        out[case] = {}
+        for m, values in metrics.items():
+            finite = [v for v in values if not math.isnan(v)]
+            out[case][m] = float(np.mean(finite)) if finite else math.nan
+    return out
+
+
+def _nanmean(values) -> float:
+    v = [x for x in values if not math.isnan(x)]
+    return float(np.mean(v)) if v else math.nan
+
+
+def bootstrap_ci(diffs: np.ndarray, resamples: int = 10000, seed: int = 0) -> tuple[float, float]:
+    if len(diffs) < 2:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, len(diffs), size=(resamples, len(diffs)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def wilcoxon_p(diffs: np.ndarray) -> float:
+    from scipy.stats import wilcoxon
+
+    if len(diffs) < 2 or np.allclose(diffs, 0):
+        return math.nan
+    return float(wilcoxon(diffs).pvalue)
+
+
+def collect(out: Path) -> tuple[BenchmarkSettings, dict[tuple[str, str, int], dict[str, dict[str, float]]]]:
+    """Settings and the per-case scores of every finished run, keyed by (trainer, budget, seed)."""
+    s = BenchmarkSettings(**json.loads((out / SETTINGS_FILE).read_text()))
+    scores = {}
+    for run in run_matrix(s):
+        paths = Paths(out, run, s)
+        if paths.done:
+            scores[(run.trainer, run.budget, run.seed)] = case_scores(paths.evaluation / "per_case.csv")
+    return s, scores
+
+
+def paired(scores, trainer: str, budget: str) -> dict | None:
+    seeds = sorted({k[2] for k in scores if k[0] == trainer and k[1] == budget}
+                   & {k[2] for k in scores if k[0] == BASELINE and k[1] == budget})
+    if not seeds:
+        return None
+    cases = sorted(set.intersection(*[set(scores[(trainer, budget, sd)]) & set(scores[(BASELINE, budget, sd)])
+                                      for sd in seeds]))
+    diffs = np.array([np.mean([scores[(trainer, budget, sd)][c]["dice"] - scores[(BASELINE, budget, sd)][c]["dice"]
+                               for sd in seeds]) for c in cases])
+    low, high = bootstrap_ci(diffs)
+    return {"trainer": trainer, "budget": budget, "seeds": seeds, "n_cases": len(cases),
+            "mean_diff": float(diffs.mean()) if len(diffs) else math.nan, "ci_low": low, "ci_high": high,
+            "wilcoxon_p": wilcoxon_p(diffs), "better": int((diffs > 0).sum()), "worse": int((diffs < 0).sum())}
+
+
+def _fmt(mean: float, std: float, n: int) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.4f} ± {std:.4f} (n={n})" if n > 1 else f"{mean:.4f} (n=1)"
+
+
+def write_report(out: Path) -> Path:
+    """Rewrites report.md, results.csv, paired.csv and the plots from the finished runs."""
+    s, scores = collect(out)
+    budgets = [str(b) for b in s.budgets] + ([FULL] if s.full else [])
+    trainers = [BASELINE] + [t for t in s.trainers if t != BASELINE]
+    per_run = {k: {m: _nanmean(v[m] for v in cases.values()) for m in ("dice", "hd95", "nsd")}
+               for k, cases in scores.items()}
+    rows = [{"trainer": t, "budget": b, "seed": sd, "n_cases": len(scores[(t, b, sd)]), **per_run[(t, b, sd)]}
+            for (t, b, sd) in sorted(per_run, key=lambda k: (trainers.index(k[0]) if k[0] in trainers else 99,
+                                                            budgets.index(k[1]) if k[1] in budgets else 99, k[2]))]
+    _write_csv(out / "results.csv", rows, ["trainer", "budget", "seed", "n_cases", "dice", "hd95", "nsd"])
+
+    def cell(t: str, b: str, metric: str) -> str:
+        values = [per_run[k][metric] for k in per_run if k[0] == t and k[1] == b]
+        if not values:
+            return "–"
+        return _fmt(float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, len(values))
+
+    head = ["budget →"] + [("all labeled" if b == FULL else f"{b} labeled") for b in budgets]
+    lines = [
+        f"# Semi-supervised benchmark: {s.dataset}, {s.configuration}, fold {s.fold}, plans {s.plans}",
+        "",
+        f"Training budget {s.epochs} epochs × {s.iterations_per_epoch} iterations; final checkpoint; "
+        f"{len(s.test_cases)} held-out test cases; seeds {s.seeds}. Runs finished: {len(scores)} of "
+        f"{len(run_matrix(s))}. Metrics from `nnUNetv2_ssl_evaluate` (mm; NSD tolerance {s.nsd_tolerance_mm} mm).",
+        "",
+        "Cells: mean over seeds of the run's mean test value ± standard deviation over seeds (n = seeds finished).",
+        "",
+    ]
+    for metric, title in (("dice", "Dice (mean of foreground classes)"), ("hd95", "HD95 (mm)"), ("nsd", "NSD")):
+        lines += [f"## Test {title}", "", "| trainer | " + " | ".join(head[1:]) + " |",
+                  "|---" * len(head) + "|"]
+        for t in trainers:
+            lines.append(f"| {t} | " + " | ".join(cell(t, b, metric) for b in budgets) + " |")
+        lines.append("")
+    pairs = [p for b in budgets if b != FULL for t in trainers if t != BASELINE
+             if (p := paired(scores, t, b)) is not None]
+    lines += ["## Paired per-case difference to the supervised baseline (test Dice)", "",
+              "Per test case, trainer minus baseline, averaged over the seeds both finished; two-sided Wilcoxon "
+              "signed-rank test over cases; 95 % bootstrap interval of the mean difference.", "",
+              "| trainer | budget | seeds | cases | mean Δ Dice | 95 % CI | better / worse | Wilcoxon p |",
+              "|---|---|---|---|---|---|---|---|"]
+    for p in pairs:
+        lines.append(f"| {p['trainer']} | {p['budget']} | {len(p['seeds'])} | {p['n_cases']} | "
+                     f"{p['mean_diff']:+.4f} | [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}] | {p['better']} / "
+                     f"{p['worse']} | {p['wilcoxon_p']:.3g} |")
+    if not pairs:
+        lines.append("| (no budget has both the baseline and an SSL trainer finished yet) | | | | | | | |")
+    _write_csv(out / "paired.csv", [{**p, "seeds": " ".join(map(str, p["seeds"]))} for p in pairs],
+               ["trainer", "budget", "seeds", "n_cases", "mean_diff", "ci_low", "ci_high", "better", "worse",
+                "wilcoxon_p"])
+    plots = _plots(out, s, per_run, budgets, trainers)
+    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    lines += ["", "Files: `results.csv` (one row per finished run), `paired.csv`, and per run "
+              "`runs/<budget>/seed_<s>/test_evaluation/<trainer>/per_case.csv`.", ""]
+    report = out / "report.md"
+    _atomic_text(report, "\n".join(lines))
+    return report
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    with os.fdopen(fd, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def training_log(model_folder: Path) -> dict | None:
+    """nnU-Net's per-epoch logging (train_losses, ema_fg_dice, ...) from the newest checkpoint of a run."""
+    import torch
+
+    for name in ("checkpoint_final.pth", "checkpoint_latest.pth"):
+        path = model_folder / name
+        if path.is_file():
+            # our own trainings' checkpoints; they hold numpy scalars, hence weights_only=False
+            return torch.load(path, map_location="cpu", weights_only=False).get("logging")
+    return None
+
+
+def _plots(out: Path, s: BenchmarkSettings, per_run, budgets: list[str], trainers: list[str]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nnunet_ssl.evaluation.benchmark import Run
+
+    made = []
+    numeric = [b for b in budgets if b != FULL]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for t in trainers:
+        xs, ys, es = [], [], []
+        for b in numeric:
+            values = [per_run[k]["dice"] for k in per_run if k[0] == t and k[1] == b]
+            if values:
+                xs.append(int(b))
+                ys.append(np.mean(values))
+                es.append(np.std(values, ddof=1) if len(values) > 1 else 0.0)
+        if xs:
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=t)
+    full = [per_run[k]["dice"] for k in per_run if k[1] == FULL]
+    if full:
+        ax.axhline(float(np.mean(full)), color="k", ls="--", lw=1, label=f"{BASELINE}, all labels")
+    if numeric:
+        ax.set_xscale("log")
+        ax.set_xticks([int(b) for b in numeric], [str(b) for b in numeric])
+    ax.set_xlabel("labeled training cases")
+    ax.set_ylabel("mean test Dice (final checkpoint)")
+    ax.set_title(f"{s.dataset} {s.configuration}, {s.epochs}×{s.iterations_per_epoch} iterations")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    made.append(out / "dice_vs_budget.png")
+    fig.savefig(made[-1], dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(len(budgets), 2, figsize=(11, 3.2 * len(budgets)), squeeze=False)
+    colors = {t: f"C{i}" for i, t in enumerate(trainers)}
+    for row, b in enumerate(budgets):
+        for seed in s.seeds:
+            for t in trainers:
+                log = training_log(Paths(out, Run(t, b, seed), s).model)
+                if not log:
+                    continue
+                style = "-" if seed == s.seeds[0] else "--"
+                axes[row, 0].plot(log.get("train_losses", []), style, color=colors[t], lw=1,
+                                  label=f"{t} s{seed}")
+                axes[row, 1].plot(log.get("ema_fg_dice", []), style, color=colors[t], lw=1, label=f"{t} s{seed}")
+        tag = "all labels" if b == FULL else f"{b} labeled"
+        axes[row, 0].set_title(f"{tag}: training loss")
+        axes[row, 1].set_title(f"{tag}: EMA pseudo-Dice on fold {s.fold} validation cases")
+        for ax in axes[row]:
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+        if axes[row, 1].lines:
+            axes[row, 1].legend(fontsize=6)
+    fig.tight_layout()
+    made.append(out / "training_curves.png")
+    fig.savefig(made[-1], dpi=100)
+    plt.close(fig)
+    return made

@@ -1,0 +1,202 @@
+"""nnUNetv2_ssl_cpu_plans and nnUNetv2_ssl_benchmark: plans variant, leakage refusal, report statistics, and a
+tiny end-to-end benchmark on the synthetic dataset that resumes without retraining."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import nnunet_env, run_cli
+
+from nnunet_ssl.evaluation import benchmark, cpu_plans, report
+
+
+def _use(root: Path, monkeypatch) -> None:
+    for k, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
+        monkeypatch.setenv(k, str(root / sub))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU plans
+
+
+def test_cpu_plans_shrink_batch_and_features_and_keep_the_data(copy_planned, monkeypatch, capsys):
+    root, ds = copy_planned["root"], copy_planned["dataset"]
+    _use(root, monkeypatch)
+    pp = root / "preprocessed" / ds
+    source = json.loads((pp / "nnUNetPlans.json").read_text())
+    assert cpu_plans.main(["-d", "990"]) == 0
+    cpu = json.loads((pp / "nnUNetPlans_CPU.json").read_text())
+    assert cpu["plans_name"] == "nnUNetPlans_CPU"
+    src_cfg, cfg = source["configurations"]["3d_fullres"], cpu["configurations"]["3d_fullres"]
+    n = len(src_cfg["architecture"]["arch_kwargs"]["features_per_stage"])
+    assert cfg["architecture"]["arch_kwargs"]["features_per_stage"] == [min(16 * 2**i, 128) for i in range(n)]
+    assert cfg["batch_size"] == 2
+    for key in ("patch_size", "data_identifier", "spacing"):
+        assert cfg[key] == src_cfg[key]
+    assert cfg["architecture"]["arch_kwargs"]["strides"] == src_cfg["architecture"]["arch_kwargs"]["strides"]
+
+    # nnU-Net builds the narrower network from it
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    cm = PlansManager(cpu).get_configuration("3d_fullres")
+    net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                 cm.network_arch_init_kwargs_req_import, 1, 3, deep_supervision=False)
+    assert net.encoder.stages[0][0].convs[0].conv.out_channels == 16
+
+    # rerun: no change; other settings: refused without --overwrite, file kept
+    before = (pp / "nnUNetPlans_CPU.json").read_bytes()
+    assert cpu_plans.main(["-d", "990"]) == 0
+    assert cpu_plans.main(["-d", "990", "--batch-size", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overwrite" in err[0]
+    assert (pp / "nnUNetPlans_CPU.json").read_bytes() == before
+    assert cpu_plans.main(["-d", "990", "--batch-size", "3", "--overwrite"]) == 0
+    assert json.loads((pp / "nnUNetPlans_CPU.json").read_text())["configurations"]["3d_fullres"]["batch_size"] == 3
+    assert cpu_plans.main(["-d", "990", "--name", "nnUNetPlans"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# leakage refusal
+
+
+def _bench_args(out: Path, *extra: str) -> list[str]:
+    return ["-d", "990", "-c", "3d_fullres", "-o", str(out), "--budgets", "2", "--seeds", "0", "--epochs", "1",
+            "--iterations-per-epoch", "2", "--val-iterations", "1", "-device", "cpu", *extra]
+
+
+@pytest.mark.parametrize("leak", ["copy_in_imagesTr", "id_in_imagesUnlabeled", "id_in_splits"])
+def test_benchmark_refuses_test_cases_in_training_data(leak, copy_planned, monkeypatch, capsys, tmp_path):
+    root, ds = copy_planned["root"], copy_planned["dataset"]
+    _use(root, monkeypatch)
+    raw = root / "raw" / ds
+    if leak == "copy_in_imagesTr":
+        shutil.copy(raw / "imagesTs" / "test_001_0000.nii.gz", raw / "imagesTr" / "renamed_900_0000.nii.gz")
+        expected = "byte-identical"
+    elif leak == "id_in_imagesUnlabeled":
+        shutil.copy(raw / "imagesTr" / "case_000_0000.nii.gz", raw / "imagesUnlabeled" / "test_000_0000.nii.gz")
+        expected = "imagesUnlabeled"
+    else:
+        pp = root / "preprocessed" / ds
+        splits = json.loads((pp / "splits_final.json").read_text()) if (pp / "splits_final.json").is_file() else None
+        if splits is None:
+            from nnunet_ssl.data.splits import original_splits
+
+            splits, _ = original_splits(str(pp), str(raw))
+        splits[0]["val"].append("test_000")
+        (pp / "splits_final.json").write_text(json.dumps(splits))
+        expected = "validation"
+    out = tmp_path / "bench"
+    assert benchmark.main(_bench_args(out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refusing to benchmark" in err[0] and expected in err[0], err
+    assert not (out / "runs").exists()
+
+
+def test_benchmark_refuses_other_settings_in_the_same_folder(copy_planned, monkeypatch, capsys, tmp_path):
+    _use(copy_planned["root"], monkeypatch)
+    out = tmp_path / "bench"
+    out.mkdir()
+    settings = benchmark.BenchmarkSettings("Dataset990_SSLSynthetic", "3d_fullres", 0, "nnUNetPlans", [], [2], [0],
+                                           False, 5, 2, 1, ["test_000", "test_001"])
+    (out / benchmark.SETTINGS_FILE).write_text(json.dumps(benchmark.asdict(settings)))
+    assert benchmark.main(_bench_args(out, "--dry-run")) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "epochs" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# report statistics on hand-made results
+
+
+def _fake_run(out: Path, s: benchmark.BenchmarkSettings, trainer: str, budget: str, seed: int,
+              dice: dict[str, tuple[float, float]]) -> None:
+    folder = benchmark.Paths(out, benchmark.Run(trainer, budget, seed), s).evaluation
+    folder.mkdir(parents=True)
+    with open(folder / "per_case.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["case", "class_id", "class_name", "dice", "iou", "hd95_mm", "asd_mm", "nsd_1.0mm"])
+        for case, (d1, d2) in dice.items():
+            w.writerow([case, 1, "a", d1, 0, 2.0, 1.0, 0.5])
+            w.writerow([case, 2, "b", d2, 0, "nan", 1.0, 0.7])
+    (folder / "summary.json").write_text("{}")
+
+
+def test_report_pairs_cases_over_seeds_against_the_baseline(tmp_path):
+    s = benchmark.BenchmarkSettings("Dataset990_SSLSynthetic", "3d_fullres", 0, "nnUNetPlans",
+                                    ["nnUNetTrainerMeanTeacher"], [2], [0, 1], False, 1, 2, 1, ["c1", "c2", "c3"])
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / benchmark.SETTINGS_FILE).write_text(json.dumps(benchmark.asdict(s)))
+    base = {"c1": (0.8, 0.6), "c2": (0.5, 0.5), "c3": (0.9, 0.7)}
+    mt0 = {"c1": (0.9, 0.7), "c2": (0.5, 0.5), "c3": (0.8, 0.6)}
+    mt1 = {"c1": (0.9, 0.9), "c2": (0.6, 0.6), "c3": (0.9, 0.7)}
+    _fake_run(out, s, "nnUNetTrainerSupervised", "2", 0, base)
+    _fake_run(out, s, "nnUNetTrainerSupervised", "2", 1, base)
+    _fake_run(out, s, "nnUNetTrainerMeanTeacher", "2", 0, mt0)
+    _fake_run(out, s, "nnUNetTrainerMeanTeacher", "2", 1, mt1)
+    report.write_report(out)
+
+    # case means: base c1 .7 c2 .5 c3 .8; mt seed0 .8 .5 .7; seed1 .9 .6 .8 -> per-case diffs averaged over seeds:
+    # c1 (.1+.2)/2=.15, c2 (0+.1)/2=.05, c3 (-.1+0)/2=-.05
+    rows = list(csv.DictReader(open(out / "paired.csv")))
+    assert len(rows) == 1
+    p = rows[0]
+    assert p["trainer"] == "nnUNetTrainerMeanTeacher" and p["seeds"] == "0 1" and int(p["n_cases"]) == 3
+    assert float(p["mean_diff"]) == pytest.approx((0.15 + 0.05 - 0.05) / 3)
+    assert (int(p["better"]), int(p["worse"])) == (2, 1)
+    from scipy.stats import wilcoxon
+
+    assert float(p["wilcoxon_p"]) == pytest.approx(wilcoxon([0.15, 0.05, -0.05]).pvalue)
+    results = {(r["trainer"], r["seed"]): r for r in csv.DictReader(open(out / "results.csv"))}
+    assert float(results[("nnUNetTrainerMeanTeacher", "1")]["dice"]) == pytest.approx((0.9 + 0.6 + 0.8) / 3)
+    assert float(results[("nnUNetTrainerSupervised", "0")]["hd95"]) == pytest.approx(2.0)  # NaN class skipped
+    text = (out / "report.md").read_text()
+    mt_mean = np.mean([(0.8 + 0.5 + 0.7) / 3, (0.9 + 0.6 + 0.8) / 3])
+    assert f"{mt_mean:.4f} ± " in text
+    assert (out / "dice_vs_budget.png").stat().st_size > 0 and (out / "training_curves.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# end to end
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_runs_reports_and_resumes(copy_planned, tmp_path):
+    root, ds = copy_planned["root"], copy_planned["dataset"]
+    env = nnunet_env(root, training=True)
+    out = tmp_path / "bench"
+    args = ["nnUNetv2_ssl_benchmark", *_bench_args(out, "-tr", "nnUNetTrainerMeanTeacher", "--full")]
+    first = run_cli(args, env=env)
+    assert "3 runs (0 done, 3 to do)" in first.stdout
+    for budget, trainer in (("labeled_2", "nnUNetTrainerSupervised"), ("labeled_2", "nnUNetTrainerMeanTeacher"),
+                            ("all", "nnUNetTrainerSupervised")):
+        ws = out / "runs" / budget / "seed_0"
+        assert (ws / "test_evaluation" / trainer / "summary.json").is_file()
+        assert sorted(p.name for p in (ws / "test_predictions" / trainer).glob("*.nii.gz")) == \
+            ["test_000.nii.gz", "test_001.nii.gz"]
+        splits = json.loads((ws / "nnUNet_preprocessed" / ds / "splits_final.json").read_text())
+        assert len(splits[0]["train"]) == (2 if budget == "labeled_2" else 6)
+    # the user's own preprocessed folder got no budget split
+    user_splits = root / "preprocessed" / ds / "splits_final.json"
+    assert not user_splits.exists() or "ssl_budget" not in user_splits.read_text()
+    text = (out / "report.md").read_text()
+    assert "nnUNetTrainerMeanTeacher" in text and "Wilcoxon" in text
+    assert len(list(csv.DictReader(open(out / "results.csv")))) == 3
+
+    # resume: nothing is retrained; a lost evaluation is redone from the saved model
+    model = out / "runs" / "labeled_2" / "seed_0" / "nnUNet_results" / ds / \
+        "nnUNetTrainerMeanTeacher__nnUNetPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth"
+    stamp = model.stat().st_mtime_ns
+    shutil.rmtree(out / "runs" / "labeled_2" / "seed_0" / "test_evaluation" / "nnUNetTrainerMeanTeacher")
+    second = run_cli(args, env=env)
+    assert "3 runs (2 done, 1 to do)" in second.stdout
+    assert "training" not in second.stdout.split("[1/1]")[1].splitlines()[1]
+    assert model.stat().st_mtime_ns == stamp
+    third = run_cli(args, env=env)
+    assert "3 runs (3 done, 0 to do)" in third.stdout

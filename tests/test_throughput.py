@@ -1,0 +1,166 @@
+"""nnUNetv2_ssl_throughput: analytic compute per trainer, the table, a skipped trainer, the command end to end."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+from helpers import case_ids, write_budget_splits
+
+from nnunet_ssl import trainers
+from nnunet_ssl.evaluation.throughput import (
+    REFERENCE_TRAINER,
+    TABLE_COLUMNS,
+    TrainerTiming,
+    analytic_units,
+    default_trainers,
+    markdown_table,
+    measure_trainer,
+    merge_rounds,
+    table_rows,
+    unlabeled_batch_of,
+)
+
+# hand counts for B = 2 labeled and U = 3 unlabeled samples; forward = 1, backward = 2 per sample
+HAND_COUNTS = {
+    # nnU-Net: forward + backward of the labeled batch
+    "nnUNetTrainerSupervised": 3 * 2,
+    # student forward + backward on 2 + 3, teacher forward on the 3 unlabeled
+    "nnUNetTrainerMeanTeacher": 3 * 5 + 3,
+    # ... and the teacher also on the 2 labeled images (MetaSSL's labeled branch)
+    "nnUNetTrainerMeanTeacherMetaSSL": 3 * 5 + 3 + 2,
+    # forward + backward on labeled + strong view, forward without gradient on the weak view
+    "nnUNetTrainerFixMatch": 3 * 5 + 3,
+    "nnUNetTrainerFixMatchMetaSSL": 3 * 5 + 3 + 2,
+    # two networks, forward + backward each on 2 + 3; the cross pseudo-labels reuse these outputs
+    "nnUNetTrainerCPS": 2 * 3 * 5,
+    "nnUNetTrainerCPSMetaSSL": 2 * 3 * 5,
+}
+
+
+@pytest.mark.parametrize("name", sorted(HAND_COUNTS))
+def test_analytic_units_match_hand_counts(name):
+    units, source = analytic_units(getattr(trainers, name), 2, 3)
+    assert units == HAND_COUNTS[name]
+    if name == REFERENCE_TRAINER:
+        assert source == "nnU-Net step"
+    else:
+        owner = "the trainer" if name in ("nnUNetTrainerMeanTeacher", "nnUNetTrainerFixMatch", "nnUNetTrainerCPS") \
+            else name.replace("MetaSSL", "")
+        assert source == f"declared by {owner}"
+
+
+def test_unlabeled_batch_defaults_to_the_labeled_batch():
+    assert unlabeled_batch_of(trainers.nnUNetTrainerSupervised, 2) is None
+    assert unlabeled_batch_of(trainers.nnUNetTrainerMeanTeacher, 5) == 5
+
+    class Larger(trainers.nnUNetTrainerMeanTeacher):
+        unlabeled_batch_size = 4
+
+    assert unlabeled_batch_of(Larger, 2) == 4
+    assert analytic_units(Larger, 2, unlabeled_batch_of(Larger, 2))[0] == 3 * 6 + 4
+
+
+def test_default_trainers_start_with_the_reference_and_cover_every_ssl_trainer():
+    names = default_trainers()
+    assert names[0] == REFERENCE_TRAINER
+    assert set(HAND_COUNTS) <= set(names)
+
+
+def _parse(markdown: str) -> list[dict[str, str]]:
+    lines = [ln for ln in markdown.splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == TABLE_COLUMNS
+    assert set(lines[1].replace("|", "")) == {"-"}
+    return [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")), strict=True)) for ln in lines[2:]]
+
+
+def test_table_rows_ratios_and_skipped_row():
+    results = [
+        TrainerTiming(REFERENCE_TRAINER, step_seconds=[1.0, 2.0, 3.0], wait_seconds=[0.5, 0.5, 0.5],
+                      peak_memory_mb=100.0, labeled_batch=2),
+        TrainerTiming("nnUNetTrainerCPS", step_seconds=[4.0, 4.0, 10.0], wait_seconds=[0.0, 0.0, 1.8],
+                      peak_memory_mb=250.0, labeled_batch=2, unlabeled_batch=2),
+        TrainerTiming("nnUNetTrainerMeanTeacher", status="skipped", reason="no unlabeled data for X"),
+    ]
+    classes = {r.trainer: getattr(trainers, r.trainer) for r in results}
+    rows = _parse(markdown_table(table_rows(results, classes, plans_batch=2)))
+    assert [r["trainer"] for r in rows] == [f"`{r.trainer}`" for r in results]
+    ref, cps, mt = rows
+    assert (ref["s/it median"], ref["s/it mean"], ref["time × supervised"]) == ("2.000", "2.000", "1.00")
+    assert ref["data wait"] == "25 %" and ref["compute units"] == "6" and ref["B / U"] == "2 / –"
+    assert (cps["s/it median"], cps["s/it mean"], cps["time × supervised"]) == ("4.000", "6.000", "2.00")
+    assert cps["data wait"] == "10 %" and cps["peak memory (MB)"] == "250"
+    assert (cps["compute units"], cps["units × supervised"]) == ("24", "4.00")
+    assert mt["s/it median"] == "–" and mt["notes"] == "skipped: no unlabeled data for X"
+    # units of a skipped trainer still come from its class and the plans' batch
+    assert (mt["compute units"], mt["units × supervised"], mt["B / U"]) == ("14", "2.33", "2 / 2")
+
+
+def test_merge_rounds_pools_iterations_and_keeps_refusals():
+    a = TrainerTiming("T", step_seconds=[1.0], wait_seconds=[0.1], peak_memory_mb=10.0, start_memory_mb=5.0)
+    b = TrainerTiming("T", step_seconds=[3.0], wait_seconds=[0.2], peak_memory_mb=30.0, start_memory_mb=6.0)
+    merged = merge_rounds([a, b])
+    assert merged.step_seconds == [1.0, 3.0] and merged.wait_seconds == [0.1, 0.2]
+    assert merged.peak_memory_mb == 30.0 and merged.start_memory_mb == 5.0
+    skipped = TrainerTiming("T", status="skipped", reason="r")
+    assert merge_rounds([a, skipped]).status == "skipped"
+
+
+def _env(monkeypatch, root) -> None:
+    monkeypatch.setenv("nnUNet_raw", str(root / "raw"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(root / "preprocessed"))
+    monkeypatch.setenv("nnUNet_results", str(root / "results"))
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    monkeypatch.setenv("nnUNet_ssl_seed", "0")
+
+
+def test_trainer_without_unlabeled_data_is_skipped_and_supervised_is_timed(copy_planned, monkeypatch, tmp_path):
+    root, dataset = copy_planned["root"], copy_planned["dataset"]
+    pp = root / "preprocessed" / dataset
+    ids = case_ids(pp)
+    write_budget_splits(pp, ids[:6], ids[6:], [])
+    _env(monkeypatch, root)
+    scratch = tmp_path / "scratch"
+    skipped = measure_trainer("nnUNetTrainerMeanTeacher", dataset, "3d_fullres", "nnUNetPlans", 0, "cpu", 0, 1,
+                              progress=False, scratch_results=str(scratch))
+    assert skipped.status == "skipped" and skipped.reason.startswith("no unlabeled data")
+    assert skipped.step_seconds == []
+    timed = measure_trainer(REFERENCE_TRAINER, dataset, "3d_fullres", "nnUNetPlans", 0, "cpu", 0, 2,
+                            progress=False, scratch_results=str(scratch))
+    # nnU-Net's output files went to the scratch folder; the user's nnUNet_results is back and untouched
+    assert os.environ["nnUNet_results"] == str(root / "results") and not any((root / "results").iterdir())
+    assert (scratch / dataset / f"{REFERENCE_TRAINER}__nnUNetPlans__3d_fullres" / "fold_0" / "debug.json").is_file()
+    assert timed.status == "ok" and len(timed.step_seconds) == 2
+    assert all(0 <= w <= s for w, s in zip(timed.wait_seconds, timed.step_seconds, strict=True))
+    assert timed.loaders == ["dataloader_train"] and timed.labeled_batch >= 1 and timed.unlabeled_batch is None
+    assert timed.peak_memory_mb >= timed.start_memory_mb > 0
+
+
+@pytest.mark.slow
+def test_command_writes_a_parsable_table(copy_planned, tmp_path):
+    from conftest import nnunet_env, run_cli
+
+    root = copy_planned["root"]
+    pp = root / "preprocessed" / copy_planned["dataset"]
+    ids = case_ids(pp)
+    write_budget_splits(pp, ids[:4], ids[4:6], ids[6:])
+    out = tmp_path / "docs" / "throughput.md"
+    args = ["nnUNetv2_ssl_throughput", "-d", str(copy_planned["id"]), "-c", "3d_fullres", "-f", "0", "-tr",
+            "nnUNetTrainerMeanTeacher", "--warmup", "1", "--iterations", "1", "-device", "cpu", "-o", str(out)]
+    proc = run_cli(args, env=nnunet_env(root, training=True))
+    doc = out.read_text()
+    assert "nnUNetv2_ssl_throughput -d 990 -c 3d_fullres" in doc and "device: cpu" in doc
+    rows = _parse(doc)
+    assert [r["trainer"] for r in rows] == [f"`{REFERENCE_TRAINER}`", "`nnUNetTrainerMeanTeacher`"]
+    for row in rows:
+        assert float(row["s/it median"]) > 0 and float(row["s/it mean"]) > 0 and float(row["time × supervised"]) > 0
+        assert float(row["peak memory (MB)"]) > 0
+        assert 0 <= float(row["data wait"].rstrip(" %")) <= 100
+        assert row["notes"] == ""
+    assert rows[0]["time × supervised"] == "1.00" and rows[0]["units × supervised"] == "1.00"
+    assert float(rows[1]["units × supervised"]) == pytest.approx(7 / 3, abs=0.01)  # (3 (B + B) + B) / 3 B
+    assert re.search(r"\| `nnUNetTrainerMeanTeacher` \|", proc.stdout)
+    # nothing was written to the user's results folder
+    assert not any((root / "results").iterdir())
