@@ -64,9 +64,9 @@ def train_resume_predict(root: Path, dataset_id: int, dataset: str, trainer: str
 
 
 TRAINERS = ["nnUNetTrainerMeanTeacher", "nnUNetTrainerFixMatch", "nnUNetTrainerCPS", "nnUNetTrainerMeanTeacherMetaSSL",
-            "nnUNetTrainerFixMatchMetaSSL", "nnUNetTrainerCPSMetaSSL"]
+            "nnUNetTrainerFixMatchMetaSSL", "nnUNetTrainerCPSMetaSSL", "nnUNetTrainerMEDL"]
 EXTRA_CHECKPOINTS = {"MeanTeacher": ["checkpoint_final_teacher.pth"], "CPS": ["checkpoint_final_net2.pth"],
-                     "FixMatch": []}
+                     "FixMatch": [], "MEDL": ["checkpoint_final_net2.pth"]}
 
 
 def assert_trained_resumed_predicted(result: dict, images: Path, trainer: str, file_ending: str = ".nii.gz") -> None:
@@ -93,3 +93,5 @@ def assert_trained_resumed_predicted(result: dict, images: Path, trainer: str, f
             pred, ref = sitk.ReadImage(str(pred_file)), sitk.ReadImage(str(img))
             assert pred.GetSize() == ref.GetSize()
             assert np.allclose(pred.GetSpacing(), ref.GetSpacing()) and np.allclose(pred.GetOrigin(), ref.GetOrigin())
+
+# MEDL writes network 2 as checkpoint_final_net2.pth, like CPS

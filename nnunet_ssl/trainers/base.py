@@ -84,7 +84,9 @@ class ScheduleFromEnvironment:
 
     ``nnUNet_ssl_epochs``, ``nnUNet_ssl_iterations_per_epoch``, ``nnUNet_ssl_val_iterations`` override
     ``num_epochs``, ``num_iterations_per_epoch`` and ``num_val_iterations_per_epoch``; ``nnUNet_ssl_seed`` seeds
-    python, numpy and torch (offset by the DDP rank, so ranks draw different batches)."""
+    python, numpy and torch (offset by the DDP rank, so ranks draw different batches). A shortened schedule also
+    saves ``checkpoint_latest.pth`` about every tenth of it (nnU-Net: every 50 epochs), so that ``--c`` after an
+    interruption loses little."""
 
     def apply_environment(self) -> None:
         epochs = _env_int(ENV_EPOCHS, 1)
@@ -92,6 +94,7 @@ class ScheduleFromEnvironment:
         val_iterations = _env_int(ENV_VAL_ITERATIONS, 0)
         if epochs is not None:
             self.num_epochs = epochs
+            self.save_every = max(1, min(self.save_every, epochs // 10))
         if iterations is not None:
             self.num_iterations_per_epoch = iterations
         if val_iterations is not None:
@@ -165,6 +168,7 @@ class nnUNetTrainerSSL(ScheduleFromEnvironment, nnUNetTrainer):
         #: which (supervised, reference) pair a loss call evaluates; symmetric hosts such as CPS set it per call
         self.loss_direction = 0
         self._epoch_stats: list[dict] = []
+        self._extra_losses: list[torch.Tensor] = []
         for key in self.ssl_log_keys():
             self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
 
@@ -202,6 +206,11 @@ class nnUNetTrainerSSL(ScheduleFromEnvironment, nnUNetTrainer):
         """Loss on the unlabeled batch, in float32 (called outside autocast), plus statistics to log."""
         raise NotImplementedError
 
+    def add_extra_loss(self, weighted_loss: torch.Tensor) -> None:
+        """Adds an already weighted float32 term with its own schedule (e.g. QAR) to this step's loss, outside
+        lambda(t): ``L = L_sup + lambda(t) L_unsup + sum(extra)``. Call it from a hook during ``forward_losses``."""
+        self._extra_losses.append(weighted_loss)
+
     def after_optimizer_step(self) -> None:
         """E.g. the EMA update of a teacher."""
 
@@ -215,6 +224,18 @@ class nnUNetTrainerSSL(ScheduleFromEnvironment, nnUNetTrainer):
         """File name -> network state dict written beside checkpoint_final.pth, loadable with
         ``nnUNetv2_predict -chk FILE``."""
         return {}
+
+    @classmethod
+    def compute_units(cls, labeled_batch: int, unlabeled_batch: int) -> float:
+        """Analytic network cost of one training step, in passes of one sample (forward = 1, backward = 2).
+
+        nnU-Net's supervised step costs ``3 B``. The default counts what :meth:`forward_losses` does: one student
+        forward and backward on labeled + unlabeled (``3 (B + U)``), one reference forward without gradient on the
+        unlabeled batch (``U``) and, with ``uses_labeled_reference``, one on the labeled batch (``B``). Losses,
+        augmentation and EMA updates are not counted. Hosts whose step differs override it
+        (``nnUNetv2_ssl_throughput`` reports the count)."""
+        extra = labeled_batch if cls.uses_labeled_reference else 0
+        return float(3 * (labeled_batch + unlabeled_batch) + unlabeled_batch + extra)
 
     def ssl_log_keys(self) -> list[str]:
         return ["ssl_sup_loss", "ssl_unsup_loss", "ssl_lambda", "ssl_confidence", "ssl_coverage",
@@ -424,9 +445,13 @@ class nnUNetTrainerSSL(ScheduleFromEnvironment, nnUNetTrainer):
         pairs = self.trainable()
         for _, optimizer in pairs:
             optimizer.zero_grad(set_to_none=True)
+        self._extra_losses = []
         sup_loss, unsup_loss, stats = self.forward_losses(data, target, views)
         with self._no_autocast():
             loss = sup_loss.float() + lam * unsup_loss
+            for extra in self._extra_losses:
+                loss = loss + extra
+        self._extra_losses = []
         if self.grad_scaler is not None:
             # one scaler for all optimizers, as GradScaler supports
             self.grad_scaler.scale(loss).backward()

@@ -61,6 +61,12 @@ class nnUNetTrainerCPS(nnUNetTrainerSSL):
     def reference_network(self) -> nn.Module | None:
         return getattr(self, "network2", None)
 
+    @classmethod
+    def compute_units(cls, labeled_batch: int, unlabeled_batch: int) -> float:
+        """Both networks forward + backward on labeled + unlabeled, ``2 * 3 (B + U)``; the pseudo-labels and
+        MetaSSL's labeled reference reuse these outputs, so there is no extra forward."""
+        return float(2 * 3 * (labeled_batch + unlabeled_batch))
+
     def trainable(self):
         return [(self.network, self.optimizer), (self.network2, self.optimizer2)]
 

@@ -56,6 +56,13 @@ class nnUNetTrainerFixMatch(nnUNetTrainerSSL):
                                 "'dice' or 'ce+dice'")
         self._cutmix: torch.Tensor | None = None
 
+    @classmethod
+    def compute_units(cls, labeled_batch: int, unlabeled_batch: int) -> float:
+        """Forward + backward on labeled + strong view ``3 (B + U)``, the same network without gradient on the weak
+        view ``U``, and on the labeled images ``B`` if the loss needs them (MetaSSL)."""
+        extra = labeled_batch if cls.uses_labeled_reference else 0
+        return float(3 * (labeled_batch + unlabeled_batch) + unlabeled_batch + extra)
+
     def student_input(self, views: dict[str, torch.Tensor]) -> torch.Tensor:
         strong = views["view1"]
         self._cutmix = cutmix_masks(strong.shape[0], tuple(strong.shape[2:]), self.cutmix_probability,

@@ -41,6 +41,13 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSL):
     def build_ssl_modules(self) -> None:
         self.teacher = make_teacher(unwrap(self.network))
 
+    @classmethod
+    def compute_units(cls, labeled_batch: int, unlabeled_batch: int) -> float:
+        """Student forward + backward on labeled + unlabeled ``3 (B + U)``, teacher forward on view 1 ``U``, and on
+        the labeled images ``B`` if the loss needs them (MetaSSL); the EMA update is not counted."""
+        extra = labeled_batch if cls.uses_labeled_reference else 0
+        return float(3 * (labeled_batch + unlabeled_batch) + unlabeled_batch + extra)
+
     def reference_network(self) -> nn.Module | None:
         return getattr(self, "teacher", None)
 

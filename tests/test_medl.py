@@ -1,0 +1,343 @@
+"""nnUNetTrainerMEDL in-process (two architectures, losses, checkpoints) and end to end with
+nnUNetv2_ssl_predict_uncertainty (synthetic data and a few Hippocampus cases)."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import HIPPOCAMPUS, nnunet_env, run_cli
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+from helpers import case_ids, make_trainer, write_budget_splits
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunet_ssl.errors import SSLInputError
+from nnunet_ssl.trainers import nnUNetTrainerMEDL, nnUNetTrainerMEDLNet2
+from nnunet_ssl.trainers.base import unwrap
+from nnunet_ssl.trainers.medl import RESENC_BLOCKS_PER_STAGE, build_second_network, second_architecture
+
+
+def _plans(ds: dict) -> dict:
+    return json.loads((ds["root"] / "preprocessed" / ds["dataset"] / "nnUNetPlans.json").read_text())
+
+
+def test_second_network_is_the_other_unet_with_the_same_pooling(synthetic_planned):
+    plans = _plans(synthetic_planned)
+    cm = PlansManager(plans).get_configuration("3d_fullres")
+    name, kwargs = second_architecture(cm)
+    assert name.endswith("ResidualEncoderUNet")
+    n = cm.network_arch_init_kwargs["n_stages"]
+    assert kwargs["n_blocks_per_stage"] == list(RESENC_BLOCKS_PER_STAGE[:n])
+    for key in ("strides", "kernel_sizes", "features_per_stage", "n_stages", "norm_op", "conv_op"):
+        assert kwargs[key] == cm.network_arch_init_kwargs[key], key
+    pm = PlansManager(plans)
+    net1 = nnUNetTrainerMEDL.build_network_architecture(pm, cm, 1, 3, True)
+    net2 = nnUNetTrainerMEDLNet2.build_network_architecture(pm, cm, 1, 3, True)
+    assert type(net1) is PlainConvUNet and type(net2) is ResidualEncoderUNet
+    x = torch.randn(1, 1, *cm.patch_size)
+    with torch.no_grad():
+        out1, out2 = net1(x), net2(x)
+    assert [o.shape for o in out1] == [o.shape for o in out2]  # same deep-supervision scales for nnU-Net's loss
+    # ResEnc plans give a PlainConvUNet; other architectures are refused
+    resenc = copy.deepcopy(plans)
+    arch = resenc["configurations"]["3d_fullres"]["architecture"]
+    arch["network_class_name"], arch["arch_kwargs"] = name, kwargs
+    cm_resenc = PlansManager(resenc).get_configuration("3d_fullres")
+    assert second_architecture(cm_resenc)[0].endswith("PlainConvUNet")
+    assert type(build_second_network(PlansManager(resenc), cm_resenc, 1, 3, False)) is PlainConvUNet
+    arch["network_class_name"] = "my.own.Net"
+    with pytest.raises(SSLInputError, match="PlainConvUNet and ResidualEncoderUNet"):
+        second_architecture(PlansManager(resenc).get_configuration("3d_fullres"))
+
+
+def _budget(ds: dict) -> None:
+    pp = ds["root"] / "preprocessed" / ds["dataset"]
+    ids = case_ids(pp)
+    write_budget_splits(pp, ids[:2], ids[2:4], ids[4:])
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_medl_trains_both_networks_and_checkpoints_them(copy_planned, monkeypatch, tmp_path):
+    _budget(copy_planned)
+    trainer = make_trainer(nnUNetTrainerMEDL, copy_planned["root"], copy_planned["dataset"], monkeypatch,
+                           epochs=2, iterations=2)
+    trainer.on_train_start()
+    try:
+        assert type(unwrap(trainer.network)) is PlainConvUNet
+        assert type(unwrap(trainer.network2)) is ResidualEncoderUNet
+        assert trainer.optimizer2 is not trainer.optimizer
+        before1, before2 = _state(unwrap(trainer.network)), _state(unwrap(trainer.network2))
+        trainer.on_train_epoch_start()
+        trainer.train_step(next(trainer.dataloader_train))
+        trainer.train_step(next(trainer.dataloader_train))
+        for before, net in ((before1, trainer.network), (before2, trainer.network2)):
+            after = unwrap(net).state_dict()
+            assert any(not torch.equal(before[k], after[k]) for k in before)
+        stats = trainer._epoch_stats[-1]
+        for key in ("ssl_medl_labeled", "ssl_medl_pseudo", "ssl_medl_weighted_ce", "ssl_medl_fisher",
+                    "ssl_medl_reliability", "ssl_medl_uncertainty", "ssl_medl_agreement", "ssl_confidence"):
+            assert math.isfinite(stats[key]), key
+        assert 0 < stats["ssl_medl_reliability"] <= 1 and 0 < stats["ssl_medl_uncertainty"] < 1
+        # the unramped part (L_l + L_u + L_wl) is logged as the supervised loss, L_I (FIE) is ramped by lambda
+        assert stats["ssl_sup_loss"] == pytest.approx(stats["ssl_medl_labeled"] + stats["ssl_medl_pseudo"]
+                                                      + stats["ssl_medl_weighted_ce"], rel=1e-4)
+        assert stats["ssl_unsup_loss"] == pytest.approx(stats["ssl_medl_fisher"], rel=1e-5)
+        assert trainer.training_progress() == pytest.approx(2 / 4)
+        assert trainer.rampup_fraction == 1.0 and trainer.medl_curriculum_direction == "easy_to_hard"
+
+        ckpt = tmp_path / "medl.pth"
+        trainer.save_checkpoint(str(ckpt))
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        assert set(saved["network_weights"]) == set(unwrap(trainer.network).state_dict())
+        assert set(saved["ssl_state"]["network2_weights"]) == set(unwrap(trainer.network2).state_dict())
+        resumed = make_trainer(nnUNetTrainerMEDL, copy_planned["root"], copy_planned["dataset"], monkeypatch,
+                               epochs=2, iterations=2, continue_training=True)
+        resumed.load_checkpoint(str(ckpt))
+        assert resumed.ssl_step == 2
+        for k, v in unwrap(trainer.network2).state_dict().items():
+            assert torch.equal(unwrap(resumed.network2).state_dict()[k], v), k
+        assert resumed.optimizer2.state_dict()["state"].keys() == trainer.optimizer2.state_dict()["state"].keys()
+        momentum = next(iter(trainer.optimizer2.state_dict()["state"].values()))["momentum_buffer"]
+        assert torch.equal(next(iter(resumed.optimizer2.state_dict()["state"].values()))["momentum_buffer"],
+                           momentum)
+    finally:
+        trainer.on_train_end()
+    # network 2's final checkpoint names the class that builds its architecture, and loads strictly into it
+    final2 = torch.load(f"{trainer.output_folder}/checkpoint_final_net2.pth", map_location="cpu", weights_only=False)
+    assert final2["trainer_name"] == "nnUNetTrainerMEDLNet2"
+    assert final2["network_class_name"].endswith("ResidualEncoderUNet")
+    net = nnUNetTrainerMEDLNet2.build_network_architecture(trainer.plans_manager, trainer.configuration_manager,
+                                                           trainer.num_input_channels, 3, False)
+    net.load_state_dict(final2["network_weights"])
+    final1 = torch.load(f"{trainer.output_folder}/checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final1["trainer_name"] == "nnUNetTrainerMEDL"
+    with pytest.raises(SSLInputError, match="train with -tr nnUNetTrainerMEDL"):
+        make_trainer(nnUNetTrainerMEDLNet2, copy_planned["root"], copy_planned["dataset"], monkeypatch)
+
+
+# ---------------------------------------------------------------------------------------------- uncertainty maps
+def test_uncertainty_map_follows_nnunets_own_export_geometry(synthetic_planned):
+    """Crop, resampling and transpose of the map match what nnU-Net does to the logits of a segmentation: with
+    logits ``20 m - 10`` for class 1, nnU-Net's exported segmentation is exactly ``map > 0.5``."""
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+    from nnunet_ssl.uncertainty.predict_uncertainty import to_original_geometry
+
+    plans = _plans(synthetic_planned)
+    plans["transpose_forward"], plans["transpose_backward"] = [2, 0, 1], [1, 2, 0]
+    pm = PlansManager(plans)
+    cm = pm.get_configuration("3d_fullres")
+    lm = pm.get_label_manager(json.loads((synthetic_planned["root"] / "preprocessed" / synthetic_planned["dataset"]
+                                          / "dataset.json").read_text()))
+    # (transposed order, as nnU-Net's preprocessing records them; spacing in the image's own order)
+    properties = {"spacing": [1.0, 2.0, 0.8], "shape_before_cropping": (12, 14, 10),
+                  "bbox_used_for_cropping": [[1, 11], [2, 14], [0, 10]],
+                  "shape_after_cropping_and_before_resampling": (10, 12, 10)}
+    rng = np.random.default_rng(0)
+    m = (rng.random((5, 12, 20)) > 0.5).astype(np.float32)  # preprocessed crop at the plans' spacing
+    logits = np.stack([np.zeros_like(m), 20 * m - 10, np.full_like(m, -30)])
+    seg = convert_predicted_logits_to_segmentation_with_correct_shape(logits, pm, cm, lm, properties)
+    mapped = to_original_geometry(m, properties, pm, cm)
+    assert mapped.shape == seg.shape == (14, 10, 12) and mapped.dtype == np.float32
+    assert np.array_equal(mapped > 0.5, seg == 1)
+    outside = np.ones((12, 14, 10), bool)
+    outside[1:11, 2:14, 0:10] = False
+    assert np.all(mapped[outside.transpose(1, 2, 0)] == 0)  # outside nnU-Net's crop: background, no doubt
+    assert 0 < mapped.mean() < 1
+
+
+def test_uncertainty_files_csv_and_errors(synthetic_planned, tmp_path, monkeypatch, capsys):
+    from nnunet_ssl.uncertainty.predict_uncertainty import main, summarise, write_csv, write_uncertainty
+
+    plans = _plans(synthetic_planned)
+    props = {"sitk_stuff": {"spacing": (0.7, 0.8, 1.5), "origin": (1.0, -2.0, 3.0),
+                            "direction": (0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0)}}
+    u = np.random.default_rng(1).random((4, 5, 6)).astype(np.float32)
+    path = write_uncertainty(u, props, str(tmp_path / "case"), PlansManager(plans), ".nii.gz")
+    assert path.endswith("case_uncertainty.nii.gz")
+    back, img = _read(path)
+    assert back.dtype == np.float32 and np.array_equal(back, u)  # not quantised by the label writer
+    assert np.allclose(img.GetSpacing(), props["sitk_stuff"]["spacing"])
+    assert np.allclose(img.GetOrigin(), props["sitk_stuff"]["origin"])
+    assert np.allclose(img.GetDirection(), props["sitk_stuff"]["direction"])
+    natural = {**plans, "image_reader_writer": "NaturalImage2DIO"}  # PNG cannot hold floats: .npz instead
+    path = write_uncertainty(u[:1], {}, str(tmp_path / "img"), PlansManager(natural), ".png")
+    assert path.endswith("img_uncertainty.npz") and np.array_equal(np.load(path)["uncertainty"], u[:1])
+
+    seg = np.zeros((4, 5, 6), np.uint8)
+    seg[1:3, 1:3, 1:3] = 2
+    rows = [summarise("a", u, seg, "m"), summarise("b", u + 0.5, np.zeros_like(seg), "m")]
+    assert rows[0]["mean_foreground"] == pytest.approx(float(u[1:3, 1:3, 1:3].mean()))
+    assert rows[0]["foreground_voxels"] == 8 and math.isnan(rows[1]["mean_foreground"])
+    write_csv(rows, str(tmp_path / "u.csv"))
+    assert [r["case"] for r in csv.DictReader((tmp_path / "u.csv").open())] == ["b", "a"]  # most uncertain first
+
+    # no trained model: one line, exit status 2, nothing written
+    root = synthetic_planned["root"]
+    for key, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "nope")):
+        monkeypatch.setenv(key, str(root / sub))
+    code = main(["-i", str(root / "raw" / synthetic_planned["dataset"] / "imagesTs"), "-o", str(tmp_path / "out"),
+                 "-d", "990", "-c", "3d_fullres", "-tr", "nnUNetTrainerMEDL", "-device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("nnunet-ssl: error: no trained model in")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def _read(path) -> tuple[np.ndarray, sitk.Image]:
+    img = sitk.ReadImage(str(path))
+    return sitk.GetArrayFromImage(img), img
+
+
+def _same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
+    return a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing()) and \
+        np.allclose(a.GetOrigin(), b.GetOrigin()) and np.allclose(a.GetDirection(), b.GetDirection())
+
+
+def _train_in_process(root, dataset: str, steps: int, resume_steps: int, tmp) -> str:
+    """MEDL trained ``steps`` iterations, checkpointed, resumed in a new trainer for ``resume_steps`` more, then
+    finished as nnUNetv2_train finishes (checkpoint_final.pth and checkpoint_final_net2.pth). Returns the fold
+    folder."""
+    # two epochs of max(steps, resume_steps) iterations: the resumed trainer continues at epoch 1 (LR > 0)
+    total, per_epoch = steps + resume_steps, max(steps, resume_steps)
+    with pytest.MonkeyPatch.context() as mp:
+        first = make_trainer(nnUNetTrainerMEDL, root, dataset, mp, epochs=2, iterations=per_epoch)
+        first.on_train_start()
+        first.on_train_epoch_start()
+        for _ in range(steps):
+            first.train_step(next(first.dataloader_train))
+        first.save_checkpoint(str(tmp / "mid.pth"))
+        first.on_train_end()
+        second = make_trainer(nnUNetTrainerMEDL, root, dataset, mp, epochs=2, iterations=per_epoch,
+                              continue_training=True)
+        second.load_checkpoint(str(tmp / "mid.pth"))
+        second.on_train_start()
+        second.on_train_epoch_start()
+        for _ in range(resume_steps):
+            second.train_step(next(second.dataloader_train))
+        assert second.ssl_step == total and second.current_epoch == 1
+        second.on_train_end()
+        return second.output_folder
+
+
+@pytest.mark.slow
+def test_medl_end_to_end_predict_and_uncertainty(copy_planned, tmp_path):
+    """Train (4 steps), resume (4 more), predict both networks with nnUNetv2_predict, and
+    nnUNetv2_ssl_predict_uncertainty on clean and corrupted (voxel-shuffled) test images."""
+    root, ds = copy_planned["root"], copy_planned["dataset"]
+    _budget(copy_planned)
+    fold = _train_in_process(root, ds, 4, 4, tmp_path)
+    env = nnunet_env(root, training=False)
+    images = root / "raw" / ds / "imagesTs"
+    mixed = tmp_path / "mixed"  # clean images and their voxel-shuffled copies, same geometry
+    mixed.mkdir()
+    rng = np.random.default_rng(0)
+    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in images.glob("*_0000.nii.gz"))
+    for case in cases:
+        array, img = _read(images / f"{case}_0000.nii.gz")
+        shutil.copy(images / f"{case}_0000.nii.gz", mixed)
+        shuffled = sitk.GetImageFromArray(rng.permutation(array.ravel()).reshape(array.shape).astype(np.float32))
+        shuffled.CopyInformation(img)
+        sitk.WriteImage(shuffled, str(mixed / f"corrupt{case}_0000.nii.gz"))
+
+    predictions = {}
+    for chk in ("checkpoint_final.pth", "checkpoint_final_net2.pth"):  # network 2 loads with plain nnUNetv2_predict
+        predictions[chk] = tmp_path / chk.removesuffix(".pth")
+        run_cli(["nnUNetv2_predict", "-i", str(images), "-o", str(predictions[chk]), "-d", "990", "-c", "3d_fullres",
+                 "-f", "0", "-tr", "nnUNetTrainerMEDL", "-chk", chk, "-device", "cpu", "-npp", "1", "-nps", "1"],
+                env=env)
+    out = tmp_path / "uncertainty"
+    env_no_ext = {k: v for k, v in env.items() if k != "nnUNet_extTrainer"}  # the command finds our trainers itself
+    proc = run_cli(["nnUNetv2_ssl_predict_uncertainty", "-i", str(mixed), "-o", str(out), "-d", "990", "-c",
+                    "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerMEDL", "-device", "cpu", "-npp", "1"],
+                   env=env_no_ext)
+    assert "predicting with uncertainty" in proc.stderr  # tqdm progress
+    rows = list(csv.DictReader((out / "uncertainty.csv").open()))
+    assert len(rows) == 2 * len(cases) and {r["measure"] for r in rows} == {"dirichlet_total_uncertainty"}
+    means = [float(r["mean"]) for r in rows]
+    assert means == sorted(means, reverse=True)
+    mean = {r["case"]: float(r["mean"]) for r in rows}
+    for case in cases:
+        seg, seg_img = _read(out / f"{case}.nii.gz")
+        ref, ref_img = _read(predictions["checkpoint_final.pth"] / f"{case}.nii.gz")
+        assert np.array_equal(seg, ref) and _same_geometry(seg_img, ref_img)  # exactly what nnUNetv2_predict writes
+        for prefix in ("", "corrupt"):
+            u, u_img = _read(out / f"{prefix}{case}_uncertainty.nii.gz")
+            _, img = _read(mixed / f"{prefix}{case}_0000.nii.gz")
+            assert _same_geometry(u_img, img) and u.dtype == np.float32
+            assert 0 < u.min() and u.max() < 1  # K/S of finite evidence; the synthetic images are not cropped
+            assert float(u.mean()) == pytest.approx(mean[f"{prefix}{case}"], rel=1e-4)
+        # corrupted input: less evidence, higher uncertainty (measured margin about 0.01 after 8 steps)
+        assert mean[f"corrupt{case}"] > mean[case] + 0.004, (mean[f"corrupt{case}"], mean[case])
+        net2, net2_img = _read(predictions["checkpoint_final_net2.pth"] / f"{case}.nii.gz")
+        assert _same_geometry(net2_img, seg_img) and set(np.unique(net2)) <= {0, 1, 2}
+    final2 = torch.load(f"{fold}/checkpoint_final_net2.pth", map_location="cpu", weights_only=False)
+    assert final2["trainer_name"] == "nnUNetTrainerMEDLNet2"
+
+
+@pytest.fixture(scope="module")
+def hippocampus_medl(tmp_path_factory) -> dict:
+    """4 labeled Hippocampus training cases (3 train, 1 val) and 2 unlabeled ones, planned for 3d_fullres with the
+    batch size lowered to 2 for CPU."""
+    if not HIPPOCAMPUS.is_dir():
+        pytest.skip("../shared/data/Dataset004_Hippocampus not found")
+    root = tmp_path_factory.mktemp("hippocampus_medl")
+    source = sorted(p.name[: -len("_0000.nii.gz")] for p in (HIPPOCAMPUS / "imagesTr").glob("*_0000.nii.gz"))
+    labeled, unlabeled = source[:4], source[4:6]
+    ds = "Dataset004_Hippocampus"
+    raw = root / "raw" / ds
+    for sub in ("imagesTr", "labelsTr", "imagesUnlabeled"):
+        (raw / sub).mkdir(parents=True)
+    for case in labeled:
+        shutil.copy(HIPPOCAMPUS / "imagesTr" / f"{case}_0000.nii.gz", raw / "imagesTr")
+        shutil.copy(HIPPOCAMPUS / "labelsTr" / f"{case}.nii.gz", raw / "labelsTr")
+    for case in unlabeled:  # images only (training cases; imagesTs is never used)
+        shutil.copy(HIPPOCAMPUS / "imagesTr" / f"{case}_0000.nii.gz", raw / "imagesUnlabeled")
+    meta = json.loads((HIPPOCAMPUS / "dataset.json").read_text())
+    meta["numTraining"] = len(labeled)
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    env = nnunet_env(root, training=False)
+    run_cli(["nnUNetv2_plan_and_preprocess", "-d", "4", "-c", "3d_fullres", "-np", "2", "-npfp", "2"], env=env)
+    run_cli(["nnUNetv2_ssl_preprocess_unlabeled", "-d", "4", "-c", "3d_fullres", "-np", "2"], env=env)
+    pp = root / "preprocessed" / ds
+    write_budget_splits(pp, labeled[:3], labeled[3:], [])
+    plans = json.loads((pp / "nnUNetPlans.json").read_text())
+    plans["configurations"]["3d_fullres"]["batch_size"] = 2
+    (pp / "nnUNetPlans.json").write_text(json.dumps(plans, indent=1))
+    return {"root": root, "dataset": ds, "raw": raw}
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_medl_on_hippocampus_train_resume_and_uncertainty_of_both_networks(hippocampus_medl, tmp_path):
+    root, ds, raw = hippocampus_medl["root"], hippocampus_medl["dataset"], hippocampus_medl["raw"]
+    _train_in_process(root, ds, 1, 1, tmp_path)
+    out = tmp_path / "uncertainty"
+    run_cli(["nnUNetv2_ssl_predict_uncertainty", "-i", str(raw / "imagesUnlabeled"), "-o", str(out), "-d", "4",
+             "-c", "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerMEDL", "-chk", "checkpoint_final.pth",
+             "checkpoint_final_net2.pth", "-device", "cpu", "-npp", "1", "--disable_tta"],
+            env=nnunet_env(root, training=False))
+    rows = list(csv.DictReader((out / "uncertainty.csv").open()))
+    images = sorted((raw / "imagesUnlabeled").glob("*_0000.nii.gz"))
+    assert sorted(r["case"] for r in rows) == sorted(p.name[: -len("_0000.nii.gz")] for p in images)
+    for image in images:
+        case = image.name[: -len("_0000.nii.gz")]
+        _, img = _read(image)
+        u, u_img = _read(out / f"{case}_uncertainty.nii.gz")
+        seg, seg_img = _read(out / f"{case}.nii.gz")
+        assert _same_geometry(u_img, img) and _same_geometry(seg_img, img)  # real spacing, origin and direction
+        assert u.dtype == np.float32 and 0 <= u.min() and u.max() < 1 and u.max() > 0
+        row = next(r for r in rows if r["case"] == case)
+        assert float(row["mean"]) == pytest.approx(float(u.mean()), rel=1e-4)
+        assert float(row["max"]) == pytest.approx(float(u.max()), rel=1e-4)
+        assert int(row["foreground_voxels"]) == int((seg > 0).sum())
