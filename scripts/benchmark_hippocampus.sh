@@ -21,7 +21,7 @@ fi
 nnUNetv2_ssl_cpu_plans -d 4 || exit 1   # batch 2, features 16-32-64-128
 if [ "$#" -eq 0 ]; then
     set -- nnUNetTrainerMeanTeacher $(nnUNetv2_ssl_trainers | awk '/^nnUNetTrainer/ {print $1}' \
-        | grep -v -x -e nnUNetTrainerSupervised -e nnUNetTrainerMeanTeacher)
+        | grep -v -x -e nnUNetTrainerSupervised -e nnUNetTrainerMeanTeacher -e nnUNetTrainerMEDLNet2)
 fi
 nnUNet_n_proc_DA=0 nnUNetv2_ssl_benchmark -d 4 -c 3d_fullres -p nnUNetPlans_CPU -o "$BENCH/hippo" \
     -tr "$@" --budgets 3 10 --seeds 0 1 --full --epochs 20 --iterations-per-epoch 100 -device cpu

@@ -262,6 +262,9 @@ def check_trainers(names: Sequence[str]) -> None:
 
     for name in names:
         if name in trainers.__all__:
+            if getattr(getattr(trainers, name), "inference_only", False):
+                raise SSLInputError(f"{name} only loads a checkpoint for prediction and cannot be trained; drop it "
+                                    "from -tr")
             continue
         found = recursive_find_python_class(os.path.join(nnunetv2.__path__[0], "training", "nnUNetTrainer"), name,
                                             "nnunetv2.training.nnUNetTrainer")

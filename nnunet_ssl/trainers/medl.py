@@ -307,6 +307,9 @@ class nnUNetTrainerMEDLNet2(nnUNetTrainerMEDL):
     static ``build_network_architecture``; this class returns network 2's architecture there. Training it is
     refused (train ``nnUNetTrainerMEDL``, which writes the file)."""
 
+    #: not a training recipe (nnUNetv2_ssl_benchmark refuses it)
+    inference_only = True
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         raise SSLInputError("nnUNetTrainerMEDLNet2 only loads checkpoint_final_net2.pth for prediction; train with "
