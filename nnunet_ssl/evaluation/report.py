@@ -177,7 +177,7 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
 
 
 def training_log(model_folder: Path) -> dict | None:
-    """nnU-Net's per-epoch logging (train_losses, ema_fg_dice, ...) from the newest checkpoint of a run."""
+    """nnU-Net's per-epoch logging (train_losses, mean_fg_dice, ...) from the newest checkpoint of a run."""
     import torch
 
     for name in ("checkpoint_final.pth", "checkpoint_latest.pth"):
@@ -236,10 +236,10 @@ def _plots(out: Path, s: BenchmarkSettings, per_run, budgets: list[str], trainer
                 style = "-" if seed == s.seeds[0] else "--"
                 axes[row, 0].plot(log.get("train_losses", []), style, color=colors[t], lw=1,
                                   label=f"{t} s{seed}")
-                axes[row, 1].plot(log.get("ema_fg_dice", []), style, color=colors[t], lw=1, label=f"{t} s{seed}")
+                axes[row, 1].plot(log.get("mean_fg_dice", []), style, color=colors[t], lw=1, label=f"{t} s{seed}")
         tag = "all labels" if b == FULL else f"{b} labeled"
         axes[row, 0].set_title(f"{tag}: training loss")
-        axes[row, 1].set_title(f"{tag}: EMA pseudo-Dice on fold {s.fold} validation cases")
+        axes[row, 1].set_title(f"{tag}: pseudo-Dice per epoch, fold {s.fold} validation cases")
         for ax in axes[row]:
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
