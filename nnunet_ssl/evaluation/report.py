@@ -215,6 +215,7 @@ def _plots(out: Path, s: BenchmarkSettings, per_run, budgets: list[str], trainer
     if numeric:
         ax.set_xscale("log")
         ax.set_xticks([int(b) for b in numeric], [str(b) for b in numeric])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("labeled training cases")
     ax.set_ylabel("mean test Dice (final checkpoint)")
     ax.set_title(f"{s.dataset} {s.configuration}, {s.epochs}×{s.iterations_per_epoch} iterations")
