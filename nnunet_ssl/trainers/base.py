@@ -176,6 +176,24 @@ class nnUNetTrainerSSL(ScheduleFromEnvironment, nnUNetTrainer):
     def build_ssl_modules(self) -> None:
         """Create extra networks (teachers, second networks) after the student exists."""
 
+    def attach_trained_network(self, network: nn.Module) -> tuple[nn.Module, torch.optim.Optimizer, object]:
+        """A second trained network (CPS, MEDL): moved to the device, compiled like the student, given the trainer's
+        own optimizer and LR recipe, and DDP-wrapped. Returns (network, optimizer, lr_scheduler)."""
+        network = network.to(self.device)
+        if self._do_i_compile():
+            network = torch.compile(network)
+        network1 = self.network
+        self.network = network  # configure_optimizers reads self.network
+        try:
+            optimizer, lr_scheduler = self.configure_optimizers()
+        finally:
+            self.network = network1
+        if self.is_ddp:
+            network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
+            device_ids = [self.local_rank] if self.device.type == "cuda" else None
+            network = _nnunet_trainer_module.DDP(network, device_ids=device_ids)
+        return network, optimizer, lr_scheduler
+
     def reference_network(self) -> nn.Module | None:
         """A second model whose validation pseudo-Dice is logged next to the student's (teacher, network 2)."""
         return None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as _nnunet_trainer_module
 from torch import nn
 
 from nnunet_ssl.losses.consistency import confidence_stats
@@ -44,19 +43,7 @@ class nnUNetTrainerCPS(nnUNetTrainerSSL):
         network = self.build_network_architecture(
             self.plans_manager, self.configuration_manager, self.num_input_channels,
             self.label_manager.num_segmentation_heads, self.enable_deep_supervision).to(self.device)
-        if self._do_i_compile():
-            network = torch.compile(network)
-        network1 = self.network
-        self.network = network  # reuse the trainer's own optimizer recipe for network 2
-        try:
-            self.optimizer2, self.lr_scheduler2 = self.configure_optimizers()
-        finally:
-            self.network = network1
-        if self.is_ddp:
-            network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
-            device_ids = [self.local_rank] if self.device.type == "cuda" else None
-            network = _nnunet_trainer_module.DDP(network, device_ids=device_ids)
-        self.network2 = network
+        self.network2, self.optimizer2, self.lr_scheduler2 = self.attach_trained_network(network)
 
     def reference_network(self) -> nn.Module | None:
         return getattr(self, "network2", None)

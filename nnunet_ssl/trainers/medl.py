@@ -6,7 +6,6 @@ import os
 
 import torch
 from batchgenerators.utilities.file_and_folder_operations import isfile, join
-from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as _nnunet_trainer_module
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
@@ -166,19 +165,7 @@ class nnUNetTrainerMEDL(nnUNetTrainerSSL):
         network = build_second_network(self.plans_manager, self.configuration_manager, self.num_input_channels,
                                        self.label_manager.num_segmentation_heads,
                                        self.enable_deep_supervision).to(self.device)
-        if self._do_i_compile():
-            network = torch.compile(network)
-        network1 = self.network
-        self.network = network  # the trainer's own optimizer and LR recipe for network 2
-        try:
-            self.optimizer2, self.lr_scheduler2 = self.configure_optimizers()
-        finally:
-            self.network = network1
-        if self.is_ddp:
-            network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
-            device_ids = [self.local_rank] if self.device.type == "cuda" else None
-            network = _nnunet_trainer_module.DDP(network, device_ids=device_ids)
-        self.network2 = network
+        self.network2, self.optimizer2, self.lr_scheduler2 = self.attach_trained_network(network)
 
     def reference_network(self) -> nn.Module | None:
         return getattr(self, "network2", None)
