@@ -36,6 +36,14 @@ HAND_COUNTS = {
     # two networks, forward + backward each on 2 + 3; the cross pseudo-labels reuse these outputs
     "nnUNetTrainerCPS": 2 * 3 * 5,
     "nnUNetTrainerCPSMetaSSL": 2 * 3 * 5,
+    # MEDL: two networks as CPS; the fusion reuses their outputs
+    "nnUNetTrainerMEDL": 2 * 3 * 5,
+    # Mean Teacher plus the quality predictor: forward on the teacher's pseudo-label (3) and on the student's
+    # prediction, forward + backward with QAR (3 * 3) or forward only for the log (3)
+    "nnUNetTrainerMeanTeacherQAR": 3 * 5 + 3 + 3 + 3 * 3,
+    "nnUNetTrainerMeanTeacherQW": 3 * 5 + 3 + 3 + 3,
+    "nnUNetTrainerMeanTeacherQualityGuided": 3 * 5 + 3 + 3 + 3 * 3,
+    "nnUNetTrainerMeanTeacherQualityGuidedMetaSSL": 3 * 5 + 3 + 2 + 3 + 3 * 3,
 }
 
 
@@ -46,8 +54,9 @@ def test_analytic_units_match_hand_counts(name):
     if name == REFERENCE_TRAINER:
         assert source == "nnU-Net step"
     else:
-        owner = "the trainer" if name in ("nnUNetTrainerMeanTeacher", "nnUNetTrainerFixMatch", "nnUNetTrainerCPS") \
-            else name.replace("MetaSSL", "")
+        owner = "the trainer" if name in ("nnUNetTrainerMeanTeacher", "nnUNetTrainerFixMatch", "nnUNetTrainerCPS",
+                                          "nnUNetTrainerMEDL") \
+            else "QualityGuidance" if "Quality" in name or name.endswith(("QAR", "QW")) else name.replace("MetaSSL", "")
         assert source == f"declared by {owner}"
 
 

@@ -502,8 +502,10 @@ def run_benchmark(args: argparse.Namespace, command_line: str) -> str:
         "for SSL trainers, unlabeled).",
         f"- peak memory: {memory}.",
         "- compute units: network passes of one sample per step, forward = 1, backward = 2; the supervised step is "
-        "3 B. Mean Teacher and FixMatch: 3 (B + U) + U (+ B with MetaSSL's labeled reference); CPS: 2 · 3 (B + U). "
-        "Losses, augmentation and EMA updates are not counted. B / U: labeled / unlabeled batch.",
+        "3 B. Mean Teacher and FixMatch: 3 (B + U) + U (+ B with MetaSSL's labeled reference); CPS and MEDL: "
+        "2 · 3 (B + U); quality-guided trainers add the quality predictor's passes, U + 3 U with QAR (U + U "
+        "without), although it is a smaller network. Losses, augmentation and EMA updates are not counted. "
+        "B / U: labeled / unlabeled batch.",
         "- Absolute seconds depend on the machine and on what else runs on it; ratios measured in the same run are "
         "the comparable numbers.",
     ])

@@ -71,6 +71,14 @@ class QualityGuidance:
     needs_argmax_labels = True
 
     @classmethod
+    def compute_units(cls, labeled_batch: int, unlabeled_batch: int) -> float:
+        """The host's units plus the frozen predictor's passes, counted as passes although ``g`` is an encoder only:
+        forward on the pseudo-label (``U``), and on the student's prediction forward + backward with QAR (``3 U``,
+        once its delay is over) or forward only for the log (``U``)."""
+        student = 3 * unlabeled_batch if cls.quality_qar else unlabeled_batch
+        return super().compute_units(labeled_batch, unlabeled_batch) + unlabeled_batch + student
+
+    @classmethod
     def benchmark_prerequisites(cls, dataset: str, configuration: str, fold: int, plans: str, device: str,
                                 results_folder: str) -> list[list[str]]:
         """What ``nnUNetv2_ssl_benchmark`` runs before training: the predictor of this run's labeled cases."""
