@@ -62,6 +62,11 @@ def run_rank(rank: int, world: int, root: str, dataset: str, port: int, out_dir:
             "student": {k: v.cpu() for k, v in unwrap(trainer.network).state_dict().items()},
             "view_sums": recorders[-1].sums,
             "ssl_step": trainer.ssl_step,
+            "predictor_wrapped": isinstance(getattr(trainer, "quality_predictor", None),
+                                            torch.nn.parallel.DistributedDataParallel),
+            "predictor": {k: v.cpu() for k, v in trainer.quality_predictor.state_dict().items()}
+            if hasattr(trainer, "quality_predictor") else {},
+            "qar_weight": trainer.current_qar_weight() if hasattr(trainer, "current_qar_weight") else None,
         }, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
