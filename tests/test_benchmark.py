@@ -149,6 +149,8 @@ def test_report_pairs_cases_over_seeds_against_the_baseline(tmp_path):
     p = rows[0]
     assert p["trainer"] == "nnUNetTrainerMeanTeacher" and p["seeds"] == "0 1" and int(p["n_cases"]) == 3
     assert float(p["mean_diff"]) == pytest.approx((0.15 + 0.05 - 0.05) / 3)
+    # seed 0: (.1 + 0 - .1) / 3 = 0; seed 1: (.2 + .1 + 0) / 3 = .1
+    assert [float(x) for x in p["mean_diff_per_seed"].split()] == pytest.approx([0.0, 0.1])
     assert (int(p["better"]), int(p["worse"])) == (2, 1)
     from scipy.stats import wilcoxon
 
@@ -159,6 +161,7 @@ def test_report_pairs_cases_over_seeds_against_the_baseline(tmp_path):
     text = (out / "report.md").read_text()
     mt_mean = np.mean([(0.8 + 0.5 + 0.7) / 3, (0.9 + 0.6 + 0.8) / 3])
     assert f"{mt_mean:.4f} ± " in text
+    assert "| s0 +0.0000, s1 +0.1000 |" in text
     assert (out / "dice_vs_budget.png").stat().st_size > 0 and (out / "training_curves.png").stat().st_size > 0
 
 
