@@ -262,7 +262,9 @@ class nnUNetTrainerSSL(ScheduleFromEnvironment, nnUNetTrainer):
     def ssl_plot_panels(self) -> list[tuple[str, dict[str, str]]]:
         """(title, {legend label: log key}) for each panel of progress_ssl.png."""
         return [
-            ("losses (log)", {"supervised loss": "ssl_sup_loss", "unsupervised loss": "ssl_unsup_loss"}),
+            # nnU-Net's Dice + CE turns negative, so it gets a linear axis of its own
+            ("supervised loss (nnU-Net's Dice + CE)", {"supervised loss": "ssl_sup_loss"}),
+            ("unsupervised loss, before lambda (log)", {"unsupervised loss": "ssl_unsup_loss"}),
             ("unsupervised weight", {"lambda": "ssl_lambda"}),
             ("pseudo-labels", {"mean confidence": "ssl_confidence",
                                f"coverage (conf >= {self.confidence_threshold})": "ssl_coverage"}),

@@ -17,14 +17,26 @@ def plot_ssl_progress(log: dict[str, list], panels: list[tuple[str, dict[str, st
         _draw(log, panels, filename)
 
 
+def log_axis_scale(values: np.ndarray) -> tuple[str, dict[str, float]]:
+    """Scale of a "(log)" panel: log while every finite value is positive, else symlog, linear below the smallest
+    nonzero magnitude, so that zero or negative losses (an evidential term, a negative Dice) stay visible."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0 or (finite > 0).all():
+        return "log", {}
+    nonzero = np.abs(finite[finite != 0])
+    return "symlog", {"linthresh": float(nonzero.min()) if nonzero.size else 1e-3}
+
+
 def _draw(log: dict[str, list], panels: list[tuple[str, dict[str, str]]], filename: str) -> None:
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.8 * len(panels)), squeeze=False)
     for ax, (title, series) in zip(axes[:, 0], panels):
+        drawn: list[np.ndarray] = []
         for label, key in series.items():
             values = log.get(key) or []
             if not values:
                 continue
             arr = np.array([np.asarray(v, dtype=float) for v in values], dtype=float)
+            drawn.append(arr.ravel())
             x = np.arange(len(arr))
             if arr.ndim == 1:
                 ax.plot(x, arr, label=label, marker="o" if len(arr) < 30 else None)
@@ -33,7 +45,8 @@ def _draw(log: dict[str, list], panels: list[tuple[str, dict[str, str]]], filena
                     ax.plot(x, arr[:, c], label=f"{label} {c + 1}")
         ax.set_title(title)
         if title.endswith("(log)"):
-            ax.set_yscale("log")
+            scale, kwargs = log_axis_scale(np.concatenate(drawn) if drawn else np.array([]))
+            ax.set_yscale(scale, **kwargs)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("epoch")
         if ax.get_legend_handles_labels()[0]:
