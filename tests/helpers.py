@@ -16,7 +16,8 @@ def write_budget_splits(pp_dataset: Path, labeled: list[str], val: list[str], un
 
 
 def make_trainer(cls, root: Path, dataset: str, monkeypatch, fold: int = 0, configuration: str = "3d_fullres",
-                 seed: int | None = 0, epochs: int | str = 2, iterations: int = 2, continue_training: bool = False):
+                 seed: int | None = 0, epochs: int | str = 2, iterations: int = 2, continue_training: bool = False,
+                 device: str = "cpu"):
     """A trainer built as nnUNetv2_train builds it, with the nnU-Net folders of ``root``."""
     monkeypatch.setenv("nnUNet_raw", str(root / "raw"))
     monkeypatch.setenv("nnUNet_preprocessed", str(root / "preprocessed"))
@@ -32,7 +33,26 @@ def make_trainer(cls, root: Path, dataset: str, monkeypatch, fold: int = 0, conf
     pp = root / "preprocessed" / dataset
     plans = load_json(str(pp / "nnUNetPlans.json"))
     plans["continue_training"] = continue_training
-    return cls(plans, configuration, fold, load_json(str(pp / "dataset.json")), torch.device("cpu"))
+    return cls(plans, configuration, fold, load_json(str(pp / "dataset.json")), torch.device(device))
+
+
+def save_untrained_quality_predictor(pp_dataset: Path, results: Path | None = None, seed: int = 0,
+                                     configuration: str = "3d_fullres", fold: int = 0) -> tuple[Path, dict]:
+    """An untrained quality predictor saved where the quality-guided trainers look for one ($nnUNet_results unless
+    ``results`` is given). Returns its path and a copy of its weights."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_ssl.quality.predictor import build_quality_predictor, quality_checkpoint_path, save_quality_checkpoint
+
+    torch.manual_seed(seed)
+    plans = PlansManager(str(pp_dataset / "nnUNetPlans.json"))
+    dataset_json = load_json(str(pp_dataset / "dataset.json"))
+    predictor = build_quality_predictor(plans, plans.get_configuration(configuration),
+                                        len(dataset_json["channel_names"]),
+                                        plans.get_label_manager(dataset_json).num_segmentation_heads, max_features=8)
+    path = quality_checkpoint_path(plans.dataset_name, plans.plans_name, configuration, fold, results)
+    save_quality_checkpoint(path, predictor, {"untrained": True})
+    return path, {k: v.detach().clone() for k, v in predictor.state_dict().items()}
 
 
 def case_ids(pp_dataset: Path) -> list[str]:

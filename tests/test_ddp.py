@@ -9,30 +9,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from ddp_worker import run_rank
-from helpers import case_ids, write_budget_splits
+from helpers import case_ids, save_untrained_quality_predictor, write_budget_splits
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _save_untrained_predictor(pp, results) -> dict[str, torch.Tensor]:
-    """A quality predictor for the quality-guided trainer, saved where it looks for one."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    from nnunet_ssl.quality.predictor import build_quality_predictor, quality_checkpoint_path, save_quality_checkpoint
-
-    torch.manual_seed(0)
-    plans, dataset_json = PlansManager(str(pp / "nnUNetPlans.json")), load_json(str(pp / "dataset.json"))
-    predictor = build_quality_predictor(plans, plans.get_configuration("3d_fullres"),
-                                        len(dataset_json["channel_names"]),
-                                        plans.get_label_manager(dataset_json).num_segmentation_heads, max_features=8)
-    save_quality_checkpoint(quality_checkpoint_path(plans.dataset_name, plans.plans_name, "3d_fullres", 0, results),
-                            predictor, {"untrained": True})
-    return {k: v.clone() for k, v in predictor.state_dict().items()}
 
 
 @pytest.mark.parametrize("trainer", ["nnUNetTrainerMeanTeacher", "nnUNetTrainerCPSMetaSSL", "nnUNetTrainerMEDL",
@@ -42,7 +25,8 @@ def test_ssl_trainer_under_ddp_with_two_gloo_ranks(trainer, copy_planned, tmp_pa
     ids = case_ids(pp)
     write_budget_splits(pp, ids[:2], ids[2:4], ids[4:])
     monkeypatch.delenv("nnUNet_ssl_quality_checkpoint", raising=False)
-    predictor = _save_untrained_predictor(pp, copy_planned["root"] / "results") if "Quality" in trainer else {}
+    predictor = save_untrained_quality_predictor(pp, copy_planned["root"] / "results")[1] \
+        if "Quality" in trainer else {}
     mp.spawn(run_rank, args=(2, str(copy_planned["root"]), copy_planned["dataset"], _free_port(), str(tmp_path),
                              trainer), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))

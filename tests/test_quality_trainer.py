@@ -4,14 +4,14 @@ dataset with an untrained saved predictor, and from the command line after nnUNe
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import case_ids, make_trainer, write_budget_splits
+from helpers import case_ids, make_trainer, save_untrained_quality_predictor, write_budget_splits
 
 from nnunet_ssl.errors import SSLInputError
 from nnunet_ssl.losses.metassl import MetaSSLLoss
-from nnunet_ssl.quality.predictor import build_quality_predictor, quality_checkpoint_path, save_quality_checkpoint
 from nnunet_ssl.trainers import (
     nnUNetTrainerMeanTeacherQAR,
     nnUNetTrainerMeanTeacherQualityGuided,
@@ -37,17 +37,9 @@ def _budget(ds: dict) -> None:
     write_budget_splits(pp, ids[:2], ids[2:4], ids[4:])
 
 
-def _save_untrained_predictor(trainer, seed: int = 0):
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-
-    torch.manual_seed(seed)
-    channels = determine_num_input_channels(trainer.plans_manager, trainer.configuration_manager, trainer.dataset_json)
-    predictor = build_quality_predictor(trainer.plans_manager, trainer.configuration_manager, channels,
-                                        trainer.label_manager.num_segmentation_heads, max_features=8)
-    path = quality_checkpoint_path(trainer.plans_manager.dataset_name, trainer.plans_manager.plans_name,
-                                   trainer.configuration_name, trainer.fold)
-    save_quality_checkpoint(path, predictor, {"untrained": True})
-    return path
+def _save_untrained_predictor(trainer, seed: int = 0) -> Path:
+    return save_untrained_quality_predictor(Path(trainer.preprocessed_dataset_folder_base), seed=seed,
+                                            configuration=trainer.configuration_name, fold=trainer.fold)[0]
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

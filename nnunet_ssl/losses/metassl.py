@@ -163,12 +163,13 @@ class AdaptiveClassThreshold(nn.Module):
         conf, pred = probabilities.max(dim=1)
         m = _voxel_mask(mask, probabilities)
         weight = torch.ones_like(conf, dtype=torch.float64) if m is None else m.to(torch.float64)
-        stats = torch.zeros(2, num_classes, dtype=torch.float64, device=probabilities.device)
-        index = (pred.reshape(-1),)
-        # index_put_ with accumulate has a deterministic CUDA path, unlike bincount with weights
-        stats[0].index_put_(index, (conf.to(torch.float64) * weight).reshape(-1), accumulate=True)
-        stats[1].index_put_(index, weight.reshape(-1), accumulate=True)
-        return stats
+        # a (voxels, C) class mask and plain sums: deterministic on CUDA, unlike bincount with weights, and fast,
+        # unlike index_put_(accumulate=True), whose CUDA kernel serialises the many voxels sharing one of C indices
+        # (H100, (7, 3, 40, 56, 40): 39 ms against 0.15 ms; see docs/throughput_h100.md)
+        member = (pred.reshape(-1, 1) == torch.arange(num_classes, device=pred.device)).to(torch.float64)
+        weight = weight.reshape(-1, 1)
+        return torch.stack([(member * (conf.to(torch.float64).reshape(-1, 1) * weight)).sum(0),
+                            (member * weight).sum(0)])
 
     def _reduce(self) -> ReduceFn | None:
         if self.reduce_fn is not None:
