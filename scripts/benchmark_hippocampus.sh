@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The Hippocampus label-budget benchmark of docs/results/hippocampus (issue #6). Resumable: rerun to continue.
-#   bash scripts/benchmark_hippocampus.sh [TRAINER ...]     (default: every SSL trainer, Mean Teacher first)
+#   bash scripts/benchmark_hippocampus.sh [TRAINER ...]     (default: Mean Teacher, the training-noise control,
+#   then every other SSL trainer)
 # Work folder: $BENCH_DIR (default ../bench beside the repository). Takes many hours on a 2-core CPU; the report in
 # docs/results/hippocampus is refreshed from the finished runs at the end of each invocation.
 set -uo pipefail
@@ -20,8 +21,9 @@ if [ ! -f "$BENCH/preprocessed/Dataset004_Hippocampus/nnUNetPlans.json" ]; then
 fi
 nnUNetv2_ssl_cpu_plans -d 4 || exit 1   # batch 2, features 16-32-64-128
 if [ "$#" -eq 0 ]; then
-    set -- nnUNetTrainerMeanTeacher $(nnUNetv2_ssl_trainers | awk '/^nnUNetTrainer/ {print $1}' \
-        | grep -v -x -e nnUNetTrainerSupervised -e nnUNetTrainerMeanTeacher -e nnUNetTrainerMEDLNet2)
+    set -- nnUNetTrainerMeanTeacher nnUNetTrainerSupervisedReseeded $(nnUNetv2_ssl_trainers \
+        | awk '/^nnUNetTrainer/ {print $1}' | grep -v -x -e nnUNetTrainerSupervised -e nnUNetTrainerMeanTeacher \
+        -e nnUNetTrainerMEDLNet2 -e nnUNetTrainerSupervisedReseeded)
 fi
 nnUNet_n_proc_DA=0 nnUNetv2_ssl_benchmark -d 4 -c 3d_fullres -p nnUNetPlans_CPU -o "$BENCH/hippo" \
     -tr "$@" --budgets 3 10 --seeds 0 1 --full --epochs 20 --iterations-per-epoch 100 -device cpu

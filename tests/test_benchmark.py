@@ -165,6 +165,27 @@ def test_report_pairs_cases_over_seeds_against_the_baseline(tmp_path):
     assert (out / "dice_vs_budget.png").stat().st_size > 0 and (out / "training_curves.png").stat().st_size > 0
 
 
+def test_report_explains_the_training_noise_control(tmp_path):
+    s = benchmark.BenchmarkSettings("Dataset990_SSLSynthetic", "3d_fullres", 0, "nnUNetPlans",
+                                    [benchmark.RESEEDED], [2], [0], False, 1, 2, 1, ["c1", "c2"])
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / benchmark.SETTINGS_FILE).write_text(json.dumps(benchmark.asdict(s)))
+    _fake_run(out, s, benchmark.BASELINE, "2", 0, {"c1": (0.8, 0.6), "c2": (0.5, 0.5)})
+    _fake_run(out, s, benchmark.RESEEDED, "2", 0, {"c1": (0.7, 0.6), "c2": (0.5, 0.7)})
+    report.write_report(out)
+    (row,) = csv.DictReader(open(out / "paired.csv"))
+    # case means: baseline .7 .5, reseeded .65 .6 -> differences -.05 and +.1
+    assert row["trainer"] == benchmark.RESEEDED and float(row["mean_diff"]) == pytest.approx(0.025)
+    assert "training randomness alone" in (out / "report.md").read_text()
+    # the trainer exists, trains, and only its training seed differs from the baseline's
+    from nnunet_ssl import trainers
+
+    benchmark.check_trainers([benchmark.RESEEDED])
+    cls = getattr(trainers, benchmark.RESEEDED)
+    assert issubclass(cls, trainers.nnUNetTrainerSupervised) and cls.training_seed_offset == 1000
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # end to end
 

@@ -15,12 +15,13 @@ from torch._dynamo import OptimizedModule
 
 import nnunet_ssl.trainers as trainers
 from nnunet_ssl.trainers import medl
-from nnunet_ssl.trainers.base import unwrap
+from nnunet_ssl.trainers.base import nnUNetTrainerSSL, unwrap
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-SSL_TRAINERS = [n for n in trainers.__all__ if n not in ("nnUNetTrainerSupervised", "nnUNetTrainerMEDLNet2")]
+SSL_TRAINERS = [n for n in trainers.__all__ if issubclass(getattr(trainers, n), nnUNetTrainerSSL)
+                and not getattr(getattr(trainers, n), "inference_only", False)]
 
 
 def _prepare(ds: dict, name: str) -> Path:

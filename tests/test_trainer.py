@@ -180,3 +180,19 @@ def test_unlabeled_loader_in_background_workers_shuts_down(copy_planned, monkeyp
         p.join(timeout=10)
     assert not any(p.is_alive() for p in workers)
     assert trainer.dataloader_unlabeled is None
+
+
+def test_reseeded_baseline_is_the_baseline_with_seed_plus_1000(copy_planned, monkeypatch):
+    from nnunet_ssl.trainers import nnUNetTrainerSupervised, nnUNetTrainerSupervisedReseeded
+
+    def initial_weights(cls, seed):
+        trainer = make_trainer(cls, copy_planned["root"], copy_planned["dataset"], monkeypatch, seed=seed)
+        trainer.initialize()
+        return trainer.ssl_seed, unwrap(trainer.network).state_dict()
+
+    seed, reseeded = initial_weights(nnUNetTrainerSupervisedReseeded, 0)
+    assert seed == 1000
+    _, same_seed = initial_weights(nnUNetTrainerSupervised, 1000)
+    _, baseline = initial_weights(nnUNetTrainerSupervised, 0)
+    assert all(torch.equal(v, same_seed[k]) for k, v in reseeded.items())
+    assert not all(torch.equal(v, baseline[k]) for k, v in reseeded.items())

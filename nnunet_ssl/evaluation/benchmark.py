@@ -5,8 +5,9 @@ whose dataset entries are symbolic links to the real preprocessed data, except `
 that budget's split, and its own ``nnUNet_results``. So the user's splits are never changed and runs never share
 a results folder. Seed ``s`` draws the labeled cases (``budget_splits(seed=s)``) and seeds training
 (``nnUNet_ssl_seed=s``). The supervised baseline ``nnUNetTrainerSupervised`` (nnU-Net's trainer with the same
-schedule) always runs; ``--full`` adds it on all of the fold's training cases. Runs are made in the order of
-``run_matrix``.
+schedule) always runs; ``--full`` adds it on all of the fold's training cases. ``-tr nnUNetTrainerSupervisedReseeded``
+adds the control for training noise: the baseline again, on the same labeled cases, with training seed ``s + 1000``.
+Runs are made in the order of ``run_matrix``.
 
 Every model is tested with ``checkpoint_final.pth``: nothing is selected on test data. Before anything runs,
 test cases found in the fold's labeled, unlabeled or validation data, in imagesTr/imagesUnlabeled, or as a
@@ -33,6 +34,8 @@ from nnunet_ssl.data.layout import unlabeled_preprocessed_folder
 from nnunet_ssl.errors import SSLInputError, exit_code_of
 
 BASELINE = "nnUNetTrainerSupervised"
+#: the baseline with another training seed on the same labeled cases: the control for training noise
+RESEEDED = "nnUNetTrainerSupervisedReseeded"
 FULL = "all"
 SETTINGS_FILE = "benchmark.json"
 #: settings that must not change between invocations writing into the same output folder
@@ -373,7 +376,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-p", default="nnUNetPlans", metavar="PLANS", help="plans identifier, e.g. nnUNetPlans_CPU")
     p.add_argument("-o", required=True, metavar="OUT", help="benchmark folder (resumed if it exists)")
     p.add_argument("-tr", nargs="*", default=[], metavar="TRAINER",
-                   help=f"SSL trainers to compare with {BASELINE} (which always runs)")
+                   help=f"SSL trainers to compare with {BASELINE} (which always runs); add {RESEEDED} for the "
+                   "training-noise control")
     p.add_argument("--budgets", nargs="+", type=int, required=True, metavar="N", help="labeled cases, e.g. 3 10")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="default 0 1")
     p.add_argument("--full", action="store_true", help=f"also train {BASELINE} on all training cases of the fold")

@@ -19,7 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_ssl.evaluation.benchmark import BASELINE, FULL, SETTINGS_FILE, BenchmarkSettings, Paths, run_matrix
+from nnunet_ssl.evaluation.benchmark import (
+    BASELINE,
+    FULL,
+    RESEEDED,
+    SETTINGS_FILE,
+    BenchmarkSettings,
+    Paths,
+    run_matrix,
+)
 
 
 def _float(x: str) -> float:
@@ -153,6 +161,10 @@ def write_report(out: Path) -> Path:
                      f"{p['better']} / {p['worse']} | {p['wilcoxon_p']:.3g} |")
     if not pairs:
         lines.append("| (no budget has both the baseline and an SSL trainer finished yet) | | | | | | | | |")
+    if any(p["trainer"] == RESEEDED for p in pairs):
+        lines += ["", f"`{RESEEDED}` is the baseline trained again on the same labeled cases with another training "
+                  "seed: its row is the difference that training randomness alone produces. An SSL trainer's "
+                  "difference means little unless it is clearly larger."]
     _write_csv(out / "paired.csv", [{**p, "seeds": " ".join(map(str, p["seeds"])),
                                      "mean_diff_per_seed": " ".join(f"{d:.6f}" for d in p["mean_diff_per_seed"])}
                                     for p in pairs],

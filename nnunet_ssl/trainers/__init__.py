@@ -1,6 +1,6 @@
 """The nnUNetTrainer subclasses users select with ``nnUNetv2_train ... -tr NAME``: hosts x losses."""
 
-from nnunet_ssl.trainers.base import nnUNetTrainerSupervised
+from nnunet_ssl.trainers.base import nnUNetTrainerSupervised, nnUNetTrainerSupervisedReseeded
 from nnunet_ssl.trainers.cps import nnUNetTrainerCPS
 from nnunet_ssl.trainers.fixmatch import nnUNetTrainerFixMatch
 from nnunet_ssl.trainers.mean_teacher import nnUNetTrainerMeanTeacher
@@ -31,4 +31,5 @@ __all__ = [
     "nnUNetTrainerMeanTeacherQualityGuided",
     "nnUNetTrainerMeanTeacherQualityGuidedMetaSSL",
     "nnUNetTrainerSupervised",
+    "nnUNetTrainerSupervisedReseeded",
 ]

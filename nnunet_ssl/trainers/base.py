@@ -88,6 +88,9 @@ class ScheduleFromEnvironment:
     saves ``checkpoint_latest.pth`` about every tenth of it (nnU-Net: every 50 epochs), so that ``--c`` after an
     interruption loses little."""
 
+    #: added to ``nnUNet_ssl_seed``: another training seed for the same run settings (see the Reseeded baseline)
+    training_seed_offset: int = 0
+
     def apply_environment(self) -> None:
         epochs = _env_int(ENV_EPOCHS, 1)
         iterations = _env_int(ENV_ITERATIONS, 1)
@@ -100,6 +103,8 @@ class ScheduleFromEnvironment:
         if val_iterations is not None:
             self.num_val_iterations_per_epoch = val_iterations
         seed = _env_int(ENV_SEED, 0)
+        if seed is not None:
+            seed += self.training_seed_offset
         rank = self.local_rank if self.is_ddp else 0
         if seed is not None:
             random.seed(seed + rank)
@@ -118,6 +123,17 @@ class nnUNetTrainerSupervised(ScheduleFromEnvironment, nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.apply_environment()
+
+
+class nnUNetTrainerSupervisedReseeded(nnUNetTrainerSupervised):
+    """The supervised baseline trained with another seed (``nnUNet_ssl_seed`` + 1000): a control for training noise.
+
+    In ``nnUNetv2_ssl_benchmark`` it trains on the same labeled cases as ``nnUNetTrainerSupervised`` (the benchmark's
+    seed draws those) with a different initialisation, patch sampling and augmentation. Its paired difference to the
+    baseline is what two trainings of the same method differ by; an SSL trainer's difference to the baseline means
+    little unless it exceeds that."""
+
+    training_seed_offset = 1000
 
 
 class nnUNetTrainerSSL(ScheduleFromEnvironment, nnUNetTrainer):
