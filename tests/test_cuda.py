@@ -37,6 +37,15 @@ def _second_network(trainer):
     return getattr(trainer, "network2", None)
 
 
+def _recording_precision(loss_fn, seen: dict):
+    """``loss_fn`` that also records whether autocast was on and the dtype of its first (prediction) argument."""
+    def wrapper(prediction, *args, **kwargs):
+        seen["autocast_in_unsup"].add(torch.is_autocast_enabled("cuda"))
+        seen["student_dtypes"].add(prediction.dtype)
+        return loss_fn(prediction, *args, **kwargs)
+    return wrapper
+
+
 @pytest.mark.parametrize("name", SSL_TRAINERS)
 def test_amp_training_validation_and_resume_on_cuda(name, copy_planned, monkeypatch):
     _prepare(copy_planned, name)
@@ -55,24 +64,10 @@ def test_amp_training_validation_and_resume_on_cuda(name, copy_planned, monkeypa
         seen["unsup_dtypes"].add(unsup.dtype)
         return sup, unsup, stats
 
-    unsupervised_loss = trainer.unsupervised_loss
-
-    def recording_unsupervised_loss(student_logits, reference_logits, views):
-        seen["autocast_in_unsup"].add(torch.is_autocast_enabled("cuda"))
-        seen["student_dtypes"].add(student_logits.dtype)
-        return unsupervised_loss(student_logits, reference_logits, views)
-
     monkeypatch.setattr(trainer, "forward_losses", recording_forward_losses)
-    monkeypatch.setattr(trainer, "unsupervised_loss", recording_unsupervised_loss)
+    monkeypatch.setattr(trainer, "unsupervised_loss", _recording_precision(trainer.unsupervised_loss, seen))
     if name.startswith("nnUNetTrainerMEDL"):  # MEDL's step computes its evidential losses itself
-        fisher = medl.fisher_evidential_loss
-
-        def recording_fisher(alpha, target, coefficient):
-            seen["autocast_in_unsup"].add(torch.is_autocast_enabled("cuda"))
-            seen["student_dtypes"].add(alpha.dtype)
-            return fisher(alpha, target, coefficient)
-
-        monkeypatch.setattr(medl, "fisher_evidential_loss", recording_fisher)
+        monkeypatch.setattr(medl, "fisher_evidential_loss", _recording_precision(medl.fisher_evidential_loss, seen))
     half_outputs = []
     trainer.initialize()
     hook = unwrap(trainer.network).register_forward_hook(
