@@ -187,6 +187,65 @@ def test_report_explains_the_training_noise_control(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# records
+
+
+def test_records_carry_finished_runs_to_a_new_work_folder(tmp_path):
+    import torch
+
+    s = benchmark.BenchmarkSettings("Dataset990_SSLSynthetic", "3d_fullres", 0, "nnUNetPlans",
+                                    ["nnUNetTrainerMeanTeacher"], [2], [0], False, 1, 2, 1, ["c1", "c2"])
+    out, records, fresh = tmp_path / "bench", tmp_path / "records", tmp_path / "new_machine"
+    for folder in (out, records, fresh):
+        folder.mkdir()
+        (folder / benchmark.SETTINGS_FILE).write_text(json.dumps(benchmark.asdict(s)))
+    _fake_run(out, s, benchmark.BASELINE, "2", 0, {"c1": (0.8, 0.6), "c2": (0.5, 0.5)})
+    _fake_run(out, s, "nnUNetTrainerMeanTeacher", "2", 0, {"c1": (0.9, 0.6), "c2": (0.5, 0.7)})
+    # a run finished before logs were kept with the evaluation: its log comes from the checkpoint, numpy and NaN
+    # included
+    mt = benchmark.Paths(out, benchmark.Run("nnUNetTrainerMeanTeacher", "2", 0), s)
+    mt.model.mkdir(parents=True)
+    torch.save({"logging": {"train_losses": [np.float64(-0.5), np.float32(-0.25)],
+                            "mean_fg_dice": [0.1, float("nan")]}}, mt.model / "checkpoint_final.pth")
+    runs = benchmark.run_matrix(s)
+    # an unfinished run (no summary.json) is neither exported nor restored
+    unfinished = benchmark.Paths(out, benchmark.Run("nnUNetTrainerMeanTeacher", "2", 1), s).evaluation
+    unfinished.mkdir(parents=True)
+    assert benchmark.sync_records(out, records, s, runs) == (0, 2)
+    assert benchmark.sync_records(out, records, s, runs) == (0, 0)
+    kept = benchmark.record_folder(records, runs[1], s)
+    assert sorted(p.name for p in kept.iterdir()) == sorted(benchmark.RECORD_FILES)
+    assert json.loads((kept / benchmark.TRAINING_LOG).read_text()) == {"train_losses": [-0.5, -0.25],
+                                                                        "mean_fg_dice": [0.1, None]}
+
+    assert benchmark.sync_records(fresh, records, s, runs) == (2, 0)
+    assert all(benchmark.Paths(fresh, r, s).done for r in runs)
+    for folder in (out, records, fresh):
+        report.write_report(folder)
+    assert (fresh / "paired.csv").read_text() == (out / "paired.csv").read_text()
+    (row,) = csv.DictReader(open(records / "paired.csv"))
+    # case means: baseline .7 .5, Mean Teacher .75 .6 -> differences .05 and .1
+    assert float(row["mean_diff"]) == pytest.approx(0.075)
+    # the curves come from the kept log when the checkpoint is gone
+    assert report.training_log(benchmark.Paths(fresh, runs[1], s))["train_losses"] == [-0.5, -0.25]
+
+
+def test_benchmark_refuses_records_of_other_settings(copy_planned, monkeypatch, capsys, tmp_path):
+    _use(copy_planned["root"], monkeypatch)
+    records = tmp_path / "records"
+    records.mkdir()
+    other = benchmark.BenchmarkSettings("Dataset990_SSLSynthetic", "3d_fullres", 0, "nnUNetPlans", [], [2], [0],
+                                        False, 7, 2, 1, ["test_000", "test_001"])
+    (records / benchmark.SETTINGS_FILE).write_text(json.dumps(benchmark.asdict(other)))
+    assert benchmark.main(_bench_args(tmp_path / "bench", "--records", str(records))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings" in err[0] and "epochs" in err[0], err
+    assert not (tmp_path / "bench").exists()
+    assert benchmark.main(_bench_args(records, "--records", str(records))) == 2
+    assert "another folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # end to end
 
 
@@ -195,7 +254,9 @@ def test_tiny_benchmark_runs_reports_and_resumes(copy_planned, tmp_path):
     root, ds = copy_planned["root"], copy_planned["dataset"]
     env = nnunet_env(root, training=True)
     out = tmp_path / "bench"
-    args = ["nnUNetv2_ssl_benchmark", *_bench_args(out, "-tr", "nnUNetTrainerMeanTeacher", "--full")]
+    records = tmp_path / "records"
+    args = ["nnUNetv2_ssl_benchmark", *_bench_args(out, "-tr", "nnUNetTrainerMeanTeacher", "--full", "--records",
+                                                   str(records))]
     first = run_cli(args, env=env)
     assert "3 runs (0 done, 3 to do)" in first.stdout
     for budget, trainer in (("labeled_2", "nnUNetTrainerSupervised"), ("labeled_2", "nnUNetTrainerMeanTeacher"),
@@ -212,15 +273,32 @@ def test_tiny_benchmark_runs_reports_and_resumes(copy_planned, tmp_path):
     text = (out / "report.md").read_text()
     assert "nnUNetTrainerMeanTeacher" in text and "Wilcoxon" in text
     assert len(list(csv.DictReader(open(out / "results.csv")))) == 3
+    # every run is recorded with its per-epoch training log, and the records have the same report
+    mt = Path("runs", "labeled_2", "seed_0", "test_evaluation", "nnUNetTrainerMeanTeacher")
+    log = json.loads((out / mt / benchmark.TRAINING_LOG).read_text())
+    assert len(log["train_losses"]) == 1 and len(log["mean_fg_dice"]) == 1
+    for name in benchmark.RECORD_FILES:
+        assert (records / mt / name).read_bytes() == (out / mt / name).read_bytes()
+    assert (records / "results.csv").read_text() == (out / "results.csv").read_text()
 
     # resume: nothing is retrained; a lost evaluation is redone from the saved model
     model = out / "runs" / "labeled_2" / "seed_0" / "nnUNet_results" / ds / \
         "nnUNetTrainerMeanTeacher__nnUNetPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth"
     stamp = model.stat().st_mtime_ns
-    shutil.rmtree(out / "runs" / "labeled_2" / "seed_0" / "test_evaluation" / "nnUNetTrainerMeanTeacher")
+    shutil.rmtree(out / mt)
+    shutil.rmtree(records / mt)
     second = run_cli(args, env=env)
     assert "3 runs (2 done, 1 to do)" in second.stdout
     assert "training" not in second.stdout.split("[1/1]")[1].splitlines()[1]
     assert model.stat().st_mtime_ns == stamp
+    assert (records / mt / "summary.json").is_file()
     third = run_cli(args, env=env)
     assert "3 runs (3 done, 0 to do)" in third.stdout
+
+    # a lost work folder: a new one continues from the records alone, without training anything
+    fresh = tmp_path / "bench_new_machine"
+    args[args.index(str(out))] = str(fresh)
+    fourth = run_cli(args, env=env)
+    assert "3 finished run(s) restored" in fourth.stdout and "3 runs (3 done, 0 to do)" in fourth.stdout
+    assert not (fresh / "runs" / "labeled_2" / "seed_0" / "nnUNet_results" / ds).exists()
+    assert (fresh / "results.csv").read_text() == (out / "results.csv").read_text()

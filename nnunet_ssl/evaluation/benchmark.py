@@ -14,12 +14,17 @@ test cases found in the fold's labeled, unlabeled or validation data, in imagesT
 byte-identical image file there, stop the benchmark. Finished steps (training, test prediction, evaluation) are
 detected from their files and skipped, so an interrupted benchmark resumes where it stopped; an interrupted
 training continues from its ``checkpoint_latest.pth`` (nnU-Net's ``--c``).
+
+``--records DIR`` keeps a compact copy of every finished run (per-case metrics, summary, per-epoch training log;
+a few kB) in a folder of the same layout, with its own report. Runs found there count as finished, so a campaign
+whose work folder is lost (a new machine) continues from the records, which are small enough to commit.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -38,6 +43,10 @@ BASELINE = "nnUNetTrainerSupervised"
 RESEEDED = "nnUNetTrainerSupervisedReseeded"
 FULL = "all"
 SETTINGS_FILE = "benchmark.json"
+#: nnU-Net's per-epoch logging of a run, kept beside its evaluation so that curves survive without checkpoints
+TRAINING_LOG = "training_log.json"
+#: what a record of a finished run holds (summary.json last: it marks the run as finished)
+RECORD_FILES = ("per_case.csv", TRAINING_LOG, "summary.json")
 #: settings that must not change between invocations writing into the same output folder
 FIXED_SETTINGS = ("dataset", "configuration", "fold", "plans", "epochs", "iterations_per_epoch", "val_iterations",
                   "test_cases", "nsd_tolerance_mm")
@@ -104,6 +113,34 @@ class Paths:
     @property
     def done(self) -> bool:
         return (self.evaluation / "summary.json").is_file()
+
+
+def checkpoint_logging(model_folder: Path) -> dict | None:
+    """nnU-Net's per-epoch logging (train_losses, mean_fg_dice, ...) from the newest checkpoint of a run, as plain
+    JSON values."""
+    import torch
+
+    for name in ("checkpoint_final.pth", "checkpoint_latest.pth"):
+        path = model_folder / name
+        if path.is_file():
+            # our own trainings' checkpoints; they hold numpy scalars, hence weights_only=False
+            log = torch.load(path, map_location="cpu", weights_only=False).get("logging")
+            return _jsonable(log) if log is not None else None
+    return None
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "tolist"):  # numpy and torch scalars and arrays
+        return _jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -252,8 +289,60 @@ def execute(run: Run, paths: Paths, s: BenchmarkSettings, test_images: Path, tes
         shutil.rmtree(tmp, ignore_errors=True)
         evaluate_folders(test_labels, paths.predictions, tmp, dataset_json=dataset_json,
                          nsd_tolerance_mm=s.nsd_tolerance_mm, case_ids=test_ids)
+        _write_json(tmp / TRAINING_LOG, checkpoint_logging(paths.model))
         shutil.rmtree(paths.evaluation, ignore_errors=True)
         os.replace(tmp, paths.evaluation)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# records: finished runs kept outside the work folder
+
+
+def record_folder(records: Path, run: Run, s: BenchmarkSettings) -> Path:
+    return Paths(records, run, s).evaluation
+
+
+def _copy_record(source: Path, target: Path) -> None:
+    """Copies a finished run's record files through a side folder, so an interrupted copy is never finished."""
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in RECORD_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, tmp / name)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def export_record(out: Path, records: Path, run: Run, s: BenchmarkSettings) -> bool:
+    """Copies a run finished in ``out`` into ``records`` unless it is there; True if copied."""
+    paths = Paths(out, run, s)
+    target = record_folder(records, run, s)
+    if not paths.done or (target / "summary.json").is_file():
+        return False
+    if not (paths.evaluation / TRAINING_LOG).is_file():  # finished before training logs were kept
+        log = checkpoint_logging(paths.model)
+        if log is not None:
+            _write_json(paths.evaluation / TRAINING_LOG, log)
+    _copy_record(paths.evaluation, target)
+    return True
+
+
+def restore_record(out: Path, records: Path, run: Run, s: BenchmarkSettings) -> bool:
+    """Makes a run recorded in ``records`` but unfinished in ``out`` finished there; True if restored."""
+    source = record_folder(records, run, s)
+    if Paths(out, run, s).done or not (source / "summary.json").is_file():
+        return False
+    _copy_record(source, Paths(out, run, s).evaluation)
+    return True
+
+
+def sync_records(out: Path, records: Path, s: BenchmarkSettings, runs: Sequence[Run]) -> tuple[int, int]:
+    """(restored, exported): runs only in the records become finished in ``out``, and runs finished only in
+    ``out`` are recorded."""
+    restored = sum(restore_record(out, records, r, s) for r in runs)
+    exported = sum(export_record(out, records, r, s) for r in runs)
+    return restored, exported
 
 
 def check_trainers(names: Sequence[str]) -> None:
@@ -279,8 +368,10 @@ def check_trainers(names: Sequence[str]) -> None:
 
 
 def run_benchmark(s: BenchmarkSettings, out: Path, device: str = "cuda", test_images: Path | None = None,
-                  test_labels: Path | None = None, dry_run: bool = False, compare_files: bool = True) -> list[Run]:
-    """Runs every missing step of the matrix and rewrites the report after each finished run."""
+                  test_labels: Path | None = None, dry_run: bool = False, compare_files: bool = True,
+                  records: Path | None = None) -> list[Run]:
+    """Runs every missing step of the matrix and rewrites the report after each finished run (and the records'
+    report, with ``records``)."""
     from nnunet_ssl.data.splits import original_splits
     from nnunet_ssl.demo.run_demo import Clock, StageFailed
     from nnunet_ssl.evaluation.leakage import check_no_leakage
@@ -308,16 +399,33 @@ def run_benchmark(s: BenchmarkSettings, out: Path, device: str = "cuda", test_im
     check_no_leakage(ids, image_files, everything, str(raw), unl_ids, ending, compare_files=compare_files)
     s.test_cases = ids
     runs = run_matrix(s)
+    if records is not None:  # refused before anything is written
+        load_or_store_settings(records, s, store=False)
     if not dry_run:
         out.mkdir(parents=True, exist_ok=True)
     load_or_store_settings(out, s, store=not dry_run)
-    todo = [r for r in runs if not Paths(out, r, s).done]
+
+    def finished(r: Run) -> bool:
+        return Paths(out, r, s).done or (records is not None
+                                         and (record_folder(records, r, s) / "summary.json").is_file())
+
+    if records is not None:
+        load_or_store_settings(records, s, store=not dry_run)
+        if not dry_run:
+            # over the union of both folders' matrices, not only this invocation's subset
+            union = BenchmarkSettings(**json.loads((records / SETTINGS_FILE).read_text()))
+            known = BenchmarkSettings(**json.loads((out / SETTINGS_FILE).read_text()))
+            everything = list(dict.fromkeys([*run_matrix(union), *run_matrix(known)]))
+            restored, exported = sync_records(out, records, s, everything)
+            print(f"records {records}: {restored} finished run(s) restored from them, {exported} added to them",
+                  flush=True)
+    todo = [r for r in runs if not finished(r)]
     print(f"benchmark {s.dataset} {s.configuration} fold {s.fold} plans {s.plans}: {len(runs)} runs "
           f"({len(runs) - len(todo)} done, {len(todo)} to do), {s.epochs} epochs x {s.iterations_per_epoch} "
           f"iterations, {len(ids)} test cases; output {out}", flush=True)
     if dry_run:
         for r in runs:
-            print(f"  {'done ' if Paths(out, r, s).done else 'to do'}  {r.label}")
+            print(f"  {'done ' if finished(r) else 'to do'}  {r.label}")
         return todo
     test_folder = link_test_images(out, images, ids, ending)
     clock = Clock()
@@ -343,7 +451,13 @@ def run_benchmark(s: BenchmarkSettings, out: Path, device: str = "cuda", test_im
                                 "resume") from None
         durations.append(time.monotonic() - started)
         write_report(out)
+        if records is not None:
+            export_record(out, records, run, s)
+            write_report(records)
     write_report(out)
+    if records is not None:
+        write_report(records)
+        print(f"{clock.stamp()} records and their report: {records}", flush=True)
     print(f"{clock.stamp()} report: {out / 'report.md'}", flush=True)
     return todo
 
@@ -391,6 +505,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"))
     p.add_argument("--no-file-check", action="store_true",
                    help="skip the byte-identical image check between test and training files")
+    p.add_argument("--records", type=Path, default=None, metavar="DIR",
+                   help="keep a small copy of every finished run (per-case metrics, training log) and a report in "
+                   "DIR; runs found there count as finished, so the benchmark resumes from DIR in a new work folder")
     p.add_argument("--dry-run", action="store_true", help="print the runs and their state, run nothing")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from finished runs")
     return p
@@ -420,7 +537,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                               epochs=a.epochs, iterations_per_epoch=a.iterations_per_epoch,
                               val_iterations=a.val_iterations, test_cases=list(a.test_cases or []),
                               nsd_tolerance_mm=a.nsd_tolerance)
-        run_benchmark(s, out, a.device, a.test_images, a.test_labels, a.dry_run, not a.no_file_check)
+        records = a.records.resolve() if a.records is not None else None
+        if records == out:
+            raise SSLInputError("--records must be another folder than -o; the records copy the runs of -o")
+        run_benchmark(s, out, a.device, a.test_images, a.test_labels, a.dry_run, not a.no_file_check, records)
 
     return exit_code_of(command)
 

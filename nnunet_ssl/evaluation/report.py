@@ -24,8 +24,10 @@ from nnunet_ssl.evaluation.benchmark import (
     FULL,
     RESEEDED,
     SETTINGS_FILE,
+    TRAINING_LOG,
     BenchmarkSettings,
     Paths,
+    checkpoint_logging,
     run_matrix,
 )
 
@@ -195,16 +197,12 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     os.replace(tmp, path)
 
 
-def training_log(model_folder: Path) -> dict | None:
-    """nnU-Net's per-epoch logging (train_losses, mean_fg_dice, ...) from the newest checkpoint of a run."""
-    import torch
-
-    for name in ("checkpoint_final.pth", "checkpoint_latest.pth"):
-        path = model_folder / name
-        if path.is_file():
-            # our own trainings' checkpoints; they hold numpy scalars, hence weights_only=False
-            return torch.load(path, map_location="cpu", weights_only=False).get("logging")
-    return None
+def training_log(paths: Paths) -> dict | None:
+    """nnU-Net's per-epoch logging of a run: the copy kept with its evaluation, else its newest checkpoint's."""
+    kept = paths.evaluation / TRAINING_LOG
+    if kept.is_file():
+        return json.loads(kept.read_text())
+    return checkpoint_logging(paths.model)
 
 
 def _plots(out: Path, s: BenchmarkSettings, per_run, budgets: list[str], trainers: list[str]) -> list[Path]:
@@ -250,13 +248,15 @@ def _plots(out: Path, s: BenchmarkSettings, per_run, budgets: list[str], trainer
     for row, b in enumerate(budgets):
         for seed in s.seeds:
             for t in trainers:
-                log = training_log(Paths(out, Run(t, b, seed), s).model)
+                log = training_log(Paths(out, Run(t, b, seed), s))
                 if not log:
                     continue
                 style = "-" if seed == s.seeds[0] else "--"
-                axes[row, 0].plot(log.get("train_losses", []), style, color=colors[t], lw=1,
-                                  label=f"{t} s{seed}")
-                axes[row, 1].plot(log.get("mean_fg_dice", []), style, color=colors[t], lw=1, label=f"{t} s{seed}")
+                nan = float("nan")  # JSON keeps non-finite values as null
+                losses = [nan if v is None else v for v in log.get("train_losses", [])]
+                dice = [nan if v is None else v for v in log.get("mean_fg_dice", [])]
+                axes[row, 0].plot(losses, style, color=colors[t], lw=1, label=f"{t} s{seed}")
+                axes[row, 1].plot(dice, style, color=colors[t], lw=1, label=f"{t} s{seed}")
         tag = "all labels" if b == FULL else f"{b} labeled"
         axes[row, 0].set_title(f"{tag}: training loss")
         axes[row, 1].set_title(f"{tag}: pseudo-Dice per epoch, fold {s.fold} validation cases")
