@@ -98,16 +98,24 @@ def test_benchmark_refuses_test_cases_in_training_data(leak, copy_planned, monke
     assert not (out / "runs").exists()
 
 
-def test_benchmark_refuses_other_settings_in_the_same_folder(copy_planned, monkeypatch, capsys, tmp_path):
+@pytest.mark.parametrize("where", ["work_folder", "records"])
+def test_benchmark_refuses_a_folder_of_other_settings(where, copy_planned, monkeypatch, capsys, tmp_path):
     _use(copy_planned["root"], monkeypatch)
-    out = tmp_path / "bench"
-    out.mkdir()
-    settings = benchmark.BenchmarkSettings("Dataset990_SSLSynthetic", "3d_fullres", 0, "nnUNetPlans", [], [2], [0],
-                                           False, 5, 2, 1, ["test_000", "test_001"])
-    (out / benchmark.SETTINGS_FILE).write_text(json.dumps(benchmark.asdict(settings)))
-    assert benchmark.main(_bench_args(out, "--dry-run")) == 2
-    err = capsys.readouterr().err
-    assert "other settings" in err and "epochs" in err
+    made = tmp_path / where
+    made.mkdir()
+    other = benchmark.BenchmarkSettings("Dataset990_SSLSynthetic", "3d_fullres", 0, "nnUNetPlans", [], [2], [0],
+                                        False, 5, 2, 1, ["test_000", "test_001"])
+    (made / benchmark.SETTINGS_FILE).write_text(json.dumps(benchmark.asdict(other)))
+    out = made if where == "work_folder" else tmp_path / "bench"
+    extra = ["--dry-run"] if where == "work_folder" else ["--records", str(made)]
+    assert benchmark.main(_bench_args(out, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings" in err[0] and "epochs" in err[0], err
+    assert not (out / "runs").exists()
+    if where == "records":  # refused before the work folder is made
+        assert not out.exists()
+        assert benchmark.main(_bench_args(made, "--records", str(made))) == 2
+        assert "another folder" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,21 +236,6 @@ def test_records_carry_finished_runs_to_a_new_work_folder(tmp_path):
     assert float(row["mean_diff"]) == pytest.approx(0.075)
     # the curves come from the kept log when the checkpoint is gone
     assert report.training_log(benchmark.Paths(fresh, runs[1], s))["train_losses"] == [-0.5, -0.25]
-
-
-def test_benchmark_refuses_records_of_other_settings(copy_planned, monkeypatch, capsys, tmp_path):
-    _use(copy_planned["root"], monkeypatch)
-    records = tmp_path / "records"
-    records.mkdir()
-    other = benchmark.BenchmarkSettings("Dataset990_SSLSynthetic", "3d_fullres", 0, "nnUNetPlans", [], [2], [0],
-                                        False, 7, 2, 1, ["test_000", "test_001"])
-    (records / benchmark.SETTINGS_FILE).write_text(json.dumps(benchmark.asdict(other)))
-    assert benchmark.main(_bench_args(tmp_path / "bench", "--records", str(records))) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "other settings" in err[0] and "epochs" in err[0], err
-    assert not (tmp_path / "bench").exists()
-    assert benchmark.main(_bench_args(records, "--records", str(records))) == 2
-    assert "another folder" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------------
