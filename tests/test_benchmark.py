@@ -215,6 +215,9 @@ def test_records_carry_finished_runs_to_a_new_work_folder(tmp_path):
     mt.model.mkdir(parents=True)
     torch.save({"logging": {"train_losses": [np.float64(-0.5), np.float32(-0.25)],
                             "mean_fg_dice": [0.1, float("nan")]}}, mt.model / "checkpoint_final.pth")
+    stage = {"stage": "train", "device": "cpu", "cpu": "Test CPU", "torch": "9.9", "nnunetv2": "2.8.1"}
+    (mt.evaluation / benchmark.PROVENANCE).write_text(json.dumps({"training": [stage, {**stage, "stage": "resume"}],
+                                                                  "evaluation": stage}))
     runs = benchmark.run_matrix(s)
     # an unfinished run (no summary.json) is neither exported nor restored
     unfinished = benchmark.Paths(out, benchmark.Run("nnUNetTrainerMeanTeacher", "2", 1), s).evaluation
@@ -223,6 +226,8 @@ def test_records_carry_finished_runs_to_a_new_work_folder(tmp_path):
     assert benchmark.sync_records(out, records, s, runs) == (0, 0)
     kept = benchmark.record_folder(records, runs[1], s)
     assert sorted(p.name for p in kept.iterdir()) == sorted(benchmark.RECORD_FILES)
+    assert sorted(p.name for p in benchmark.record_folder(records, runs[0], s).iterdir()) == \
+        sorted(set(benchmark.RECORD_FILES) - {benchmark.TRAINING_LOG, benchmark.PROVENANCE})
     assert json.loads((kept / benchmark.TRAINING_LOG).read_text()) == {"train_losses": [-0.5, -0.25],
                                                                         "mean_fg_dice": [0.1, None]}
 
@@ -234,6 +239,9 @@ def test_records_carry_finished_runs_to_a_new_work_folder(tmp_path):
     (row,) = csv.DictReader(open(records / "paired.csv"))
     # case means: baseline .7 .5, Mean Teacher .75 .6 -> differences .05 and .1
     assert float(row["mean_diff"]) == pytest.approx(0.075)
+    # one run trained (and resumed) on the same machine, one without provenance
+    text = (fresh / "report.md").read_text()
+    assert "| cpu: Test CPU | 9.9 | 2.8.1 | 1 |" in text and "| not recorded | ? | ? | 1 |" in text
     # the curves come from the kept log when the checkpoint is gone
     assert report.training_log(benchmark.Paths(fresh, runs[1], s))["train_losses"] == [-0.5, -0.25]
 
@@ -270,6 +278,11 @@ def test_tiny_benchmark_runs_reports_and_resumes(copy_planned, tmp_path):
     mt = Path("runs", "labeled_2", "seed_0", "test_evaluation", "nnUNetTrainerMeanTeacher")
     log = json.loads((out / mt / benchmark.TRAINING_LOG).read_text())
     assert len(log["train_losses"]) == 1 and len(log["mean_fg_dice"]) == 1
+    import torch
+
+    made = json.loads((out / mt / benchmark.PROVENANCE).read_text())
+    assert [e["stage"] for e in made["training"]] == ["train"] and made["evaluation"]["device"] == "cpu"
+    assert made["training"][0]["torch"] == torch.__version__ and made["training"][0]["cpu_count"] >= 1
     for name in benchmark.RECORD_FILES:
         assert (records / mt / name).read_bytes() == (out / mt / name).read_bytes()
     assert (records / "results.csv").read_text() == (out / "results.csv").read_text()

@@ -45,8 +45,10 @@ FULL = "all"
 SETTINGS_FILE = "benchmark.json"
 #: nnU-Net's per-epoch logging of a run, kept beside its evaluation so that curves survive without checkpoints
 TRAINING_LOG = "training_log.json"
+#: the software and machine of each training stage and of the evaluation: results differ between machines
+PROVENANCE = "provenance.json"
 #: what a record of a finished run holds (summary.json last: it marks the run as finished)
-RECORD_FILES = ("per_case.csv", TRAINING_LOG, "summary.json")
+RECORD_FILES = ("per_case.csv", TRAINING_LOG, PROVENANCE, "summary.json")
 #: settings that must not change between invocations writing into the same output folder
 FIXED_SETTINGS = ("dataset", "configuration", "fold", "plans", "epochs", "iterations_per_epoch", "val_iterations",
                   "test_cases", "nsd_tolerance_mm")
@@ -141,6 +143,34 @@ def _jsonable(obj):
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     return str(obj)
+
+
+def environment_info(device: str) -> dict:
+    """Versions and hardware that can change a run's numbers."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    def ver(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            **{name: ver(name) for name in ("nnunetv2", "nnunet-ssl", "numpy", "dynamic_network_architectures",
+                                            "batchgeneratorsv2")}, "device": device}
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
 
 
 def _write_json(path: Path, obj) -> None:
@@ -272,6 +302,12 @@ def execute(run: Run, paths: Paths, s: BenchmarkSettings, test_images: Path, tes
                  "-device", device]
         if resume:
             train.append("--c")
+        # every stage of a training, since one resumed elsewhere mixes machines
+        stages = paths.logs / f"provenance_{run.trainer}.json"
+        entries = json.loads(stages.read_text()) if stages.is_file() else []
+        entries.append({"stage": "resume" if resume else "train", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        **environment_info(device)})
+        _write_json(stages, entries)
         run_stage(train, env, paths.logs / f"train_{run.trainer}.log", paths.workspace,
                   TrainingReporter(run.trainer, s.epochs, clock))
     if not paths.done:
@@ -290,6 +326,9 @@ def execute(run: Run, paths: Paths, s: BenchmarkSettings, test_images: Path, tes
         evaluate_folders(test_labels, paths.predictions, tmp, dataset_json=dataset_json,
                          nsd_tolerance_mm=s.nsd_tolerance_mm, case_ids=test_ids)
         _write_json(tmp / TRAINING_LOG, checkpoint_logging(paths.model))
+        stages = paths.logs / f"provenance_{run.trainer}.json"
+        _write_json(tmp / PROVENANCE, {"training": json.loads(stages.read_text()) if stages.is_file() else [],
+                                       "evaluation": environment_info(device)})
         shutil.rmtree(paths.evaluation, ignore_errors=True)
         os.replace(tmp, paths.evaluation)
 

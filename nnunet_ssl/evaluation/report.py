@@ -22,11 +22,13 @@ import numpy as np
 from nnunet_ssl.evaluation.benchmark import (
     BASELINE,
     FULL,
+    PROVENANCE,
     RESEEDED,
     SETTINGS_FILE,
     TRAINING_LOG,
     BenchmarkSettings,
     Paths,
+    Run,
     checkpoint_logging,
     run_matrix,
 )
@@ -172,6 +174,10 @@ def write_report(out: Path) -> Path:
                                     for p in pairs],
                ["trainer", "budget", "seeds", "n_cases", "mean_diff", "mean_diff_per_seed", "ci_low", "ci_high",
                 "better", "worse", "wilcoxon_p"])
+    lines += ["", "## Where the runs were made", "",
+              "Training stages (a resumed training has several) by machine and software; numbers of the same run "
+              "differ slightly between machines.", "", "| device | torch | nnunetv2 | runs |", "|---|---|---|---|"]
+    lines += [f"| {device} | {torch} | {nnunet} | {n} |" for (device, torch, nnunet), n in _provenance(out, s, scores)]
     plots = _plots(out, s, per_run, budgets, trainers)
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", "Files: `results.csv` (one row per finished run), `paired.csv`, and per run "
@@ -179,6 +185,19 @@ def write_report(out: Path) -> Path:
     report = out / "report.md"
     _atomic_text(report, "\n".join(lines))
     return report
+
+
+def _provenance(out: Path, s: BenchmarkSettings, scores) -> list[tuple[tuple[str, str, str], int]]:
+    """((device, torch, nnunetv2), number of finished runs trained there), most runs first."""
+    counts: dict[tuple[str, str, str], int] = defaultdict(int)
+    for trainer, budget, seed in scores:
+        path = Paths(out, Run(trainer, budget, seed), s).evaluation / PROVENANCE
+        stages = json.loads(path.read_text()).get("training", []) if path.is_file() else []
+        kinds = {(f"{e.get('device')}: {e.get('gpu') or e.get('cpu')}", str(e.get("torch")), str(e.get("nnunetv2")))
+                 for e in stages} or {("not recorded", "?", "?")}
+        for kind in kinds:
+            counts[kind] += 1
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -210,8 +229,6 @@ def _plots(out: Path, s: BenchmarkSettings, per_run, budgets: list[str], trainer
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from nnunet_ssl.evaluation.benchmark import Run
 
     made = []
     numeric = [b for b in budgets if b != FULL]
