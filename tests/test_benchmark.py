@@ -186,6 +186,23 @@ def test_report_explains_the_training_noise_control(tmp_path):
     # case means: baseline .7 .5, reseeded .65 .6 -> differences -.05 and +.1
     assert row["trainer"] == benchmark.RESEEDED and float(row["mean_diff"]) == pytest.approx(0.025)
     assert "training randomness alone" in (out / "report.md").read_text()
+
+    # SSL trainers are judged against the control's largest |difference per seed| at their budget
+    s.trainers = ["nnUNetTrainerMeanTeacher", "nnUNetTrainerFixMatch", benchmark.RESEEDED]
+    s.seeds = [0, 1]
+    (out / benchmark.SETTINGS_FILE).write_text(json.dumps(benchmark.asdict(s)))
+    _fake_run(out, s, benchmark.BASELINE, "2", 1, {"c1": (0.8, 0.6), "c2": (0.5, 0.5)})
+    _fake_run(out, s, benchmark.RESEEDED, "2", 1, {"c1": (0.6, 0.6), "c2": (0.5, 0.5)})  # -.1 and 0: -.05
+    _fake_run(out, s, "nnUNetTrainerMeanTeacher", "2", 0, {"c1": (0.8, 0.6), "c2": (0.5, 0.6)})  # +.025
+    _fake_run(out, s, "nnUNetTrainerFixMatch", "2", 0, {"c1": (0.9, 0.7), "c2": (0.6, 0.6)})  # +.1 and +.1
+    report.write_report(out)
+    rows = {r["trainer"]: r for r in csv.DictReader(open(out / "paired.csv"))}
+    assert float(rows[benchmark.RESEEDED]["mean_diff"]) == pytest.approx((0.025 - 0.05) / 2)
+    for trainer, beyond in (("nnUNetTrainerMeanTeacher", "False"), ("nnUNetTrainerFixMatch", "True")):
+        assert float(rows[trainer]["noise_floor"]) == pytest.approx(0.05) and rows[trainer]["beyond_noise"] == beyond
+    assert rows[benchmark.RESEEDED]["noise_floor"] == "nan"
+    text = (out / "report.md").read_text()
+    assert "| 0.0500: within |" in text and "| 0.0500: beyond |" in text
     # the trainer exists, trains, and only its training seed differs from the baseline's
     from nnunet_ssl import trainers
 

@@ -110,6 +110,16 @@ def paired(scores, trainer: str, budget: str) -> dict | None:
             "wilcoxon_p": wilcoxon_p(diffs), "better": int((diffs > 0).sum()), "worse": int((diffs < 0).sum())}
 
 
+def add_noise_floor(pairs: list[dict]) -> None:
+    """Adds ``noise_floor`` (the training-noise control's largest |mean difference per seed| at the pair's budget,
+    NaN without a control) and ``beyond_noise`` (|mean difference| above it) to every pair."""
+    floors = {p["budget"]: max(abs(d) for d in p["mean_diff_per_seed"]) for p in pairs if p["trainer"] == RESEEDED}
+    for p in pairs:
+        floor = floors.get(p["budget"], math.nan) if p["trainer"] != RESEEDED else math.nan
+        p["noise_floor"] = floor
+        p["beyond_noise"] = bool(abs(p["mean_diff"]) > floor) if not math.isnan(floor) else None
+
+
 def _fmt(mean: float, std: float, n: int) -> str:
     if math.isnan(mean):
         return "–"
@@ -153,27 +163,33 @@ def write_report(out: Path) -> Path:
         lines.append("")
     pairs = [p for b in budgets if b != FULL for t in trainers if t != BASELINE
              if (p := paired(scores, t, b)) is not None]
+    add_noise_floor(pairs)
     lines += ["## Paired per-case difference to the supervised baseline (test Dice)", "",
               "Per test case, trainer minus baseline, averaged over the seeds both finished; two-sided Wilcoxon "
               "signed-rank test over cases; 95 % bootstrap interval of the mean difference.", "",
-              "| trainer | budget | seeds | cases | mean Δ Dice | Δ per seed | 95 % CI | better / worse | Wilcoxon p |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| trainer | budget | seeds | cases | mean Δ Dice | Δ per seed | 95 % CI | better / worse | Wilcoxon p "
+              "| training noise |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for p in pairs:
         per_seed = ", ".join(f"s{sd} {d:+.4f}" for sd, d in zip(p["seeds"], p["mean_diff_per_seed"]))
+        noise = "–" if math.isnan(p["noise_floor"]) else \
+            f"{p['noise_floor']:.4f}: {'beyond' if p['beyond_noise'] else 'within'}"
         lines.append(f"| {p['trainer']} | {p['budget']} | {len(p['seeds'])} | {p['n_cases']} | "
                      f"{p['mean_diff']:+.4f} | {per_seed} | [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}] | "
-                     f"{p['better']} / {p['worse']} | {p['wilcoxon_p']:.3g} |")
+                     f"{p['better']} / {p['worse']} | {p['wilcoxon_p']:.3g} | {noise} |")
     if not pairs:
-        lines.append("| (no budget has both the baseline and an SSL trainer finished yet) | | | | | | | | |")
+        lines.append("| (no budget has both the baseline and an SSL trainer finished yet) | | | | | | | | | |")
     if any(p["trainer"] == RESEEDED for p in pairs):
         lines += ["", f"`{RESEEDED}` is the baseline trained again on the same labeled cases with another training "
-                  "seed: its row is the difference that training randomness alone produces. An SSL trainer's "
-                  "difference means little unless it is clearly larger."]
+                  "seed: its row is the difference that training randomness alone produces, and its p-value shows "
+                  "how often the per-case test calls such noise significant. \"Training noise\" is the largest "
+                  "|Δ per seed| of that control at the budget; a trainer whose |mean Δ| is within it has not been "
+                  "shown to differ from the baseline, whatever its p-value."]
     _write_csv(out / "paired.csv", [{**p, "seeds": " ".join(map(str, p["seeds"])),
                                      "mean_diff_per_seed": " ".join(f"{d:.6f}" for d in p["mean_diff_per_seed"])}
                                     for p in pairs],
                ["trainer", "budget", "seeds", "n_cases", "mean_diff", "mean_diff_per_seed", "ci_low", "ci_high",
-                "better", "worse", "wilcoxon_p"])
+                "better", "worse", "wilcoxon_p", "noise_floor", "beyond_noise"])
     lines += ["", "## Where the runs were made", "",
               "Training stages (a resumed training has several) by machine and software; numbers of the same run "
               "differ slightly between machines.", "", "| device | torch | nnunetv2 | runs |", "|---|---|---|---|"]
