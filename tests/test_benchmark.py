@@ -259,6 +259,13 @@ def test_records_carry_finished_runs_to_a_new_work_folder(tmp_path):
     # one run trained (and resumed) on the same machine, one without provenance
     text = (fresh / "report.md").read_text()
     assert "| cpu: Test CPU | 9.9 | 2.8.1 | 1 |" in text and "| not recorded | ? | ? | 1 |" in text
+    # a records folder's report is rewritten with no other option; a run needs the schedule
+    (records / "report.md").unlink()
+    assert benchmark.main(["-o", str(records), "--report-only"]) == 0
+    assert (records / "report.md").read_text() == (fresh / "report.md").read_text()
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(["-o", str(records), "-d", "990", "--budgets", "2"])
+    assert e.value.code == 2
     # the curves come from the kept log when the checkpoint is gone
     assert report.training_log(benchmark.Paths(fresh, runs[1], s))["train_losses"] == [-0.5, -0.25]
 

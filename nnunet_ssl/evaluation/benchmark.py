@@ -523,7 +523,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Train trainers x label budgets x seeds on one fold, predict the held-out test set with the final "
         "checkpoint, evaluate in mm and write a report with paired tests against the supervised baseline. "
         "Rerun the same command to resume.")
-    p.add_argument("-d", required=True, metavar="DATASET", help="dataset id or name")
+    p.add_argument("-d", metavar="DATASET", help="dataset id or name")
     p.add_argument("-c", default="3d_fullres", metavar="CONFIGURATION", help="default 3d_fullres")
     p.add_argument("-f", type=int, default=0, metavar="FOLD", help="fold (default 0)")
     p.add_argument("-p", default="nnUNetPlans", metavar="PLANS", help="plans identifier, e.g. nnUNetPlans_CPU")
@@ -531,11 +531,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-tr", nargs="*", default=[], metavar="TRAINER",
                    help=f"SSL trainers to compare with {BASELINE} (which always runs); add {RESEEDED} for the "
                    "training-noise control")
-    p.add_argument("--budgets", nargs="+", type=int, required=True, metavar="N", help="labeled cases, e.g. 3 10")
+    p.add_argument("--budgets", nargs="+", type=int, metavar="N", help="labeled cases, e.g. 3 10")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="default 0 1")
     p.add_argument("--full", action="store_true", help=f"also train {BASELINE} on all training cases of the fold")
-    p.add_argument("--epochs", type=int, required=True)
-    p.add_argument("--iterations-per-epoch", type=int, required=True)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--iterations-per-epoch", type=int)
     p.add_argument("--val-iterations", type=int, default=10, help="validation iterations per epoch (default 10)")
     p.add_argument("--test-images", type=Path, default=None, help="default nnUNet_raw/<dataset>/imagesTs")
     p.add_argument("--test-labels", type=Path, default=None, help="default nnUNet_raw/<dataset>/labelsTs")
@@ -548,12 +548,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep a small copy of every finished run (per-case metrics, training log) and a report in "
                    "DIR; runs found there count as finished, so the benchmark resumes from DIR in a new work folder")
     p.add_argument("--dry-run", action="store_true", help="print the runs and their state, run nothing")
-    p.add_argument("--report-only", action="store_true", help="rewrite the report from finished runs")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the report of -o (a work or records folder) from its finished runs; needs no "
+                   "other option")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
+    parser = _parser()
+    a = parser.parse_args(argv)
+    if not a.report_only:
+        missing = [flag for flag, value in (("-d", a.d), ("--budgets", a.budgets), ("--epochs", a.epochs),
+                                            ("--iterations-per-epoch", a.iterations_per_epoch)) if value is None]
+        if missing:
+            parser.error(f"the following arguments are required: {', '.join(missing)}")
 
     def command() -> None:
         from nnunet_ssl.evaluation.report import write_report
