@@ -15,9 +15,9 @@ byte-identical image file there, stop the benchmark. Finished steps (training, t
 detected from their files and skipped, so an interrupted benchmark resumes where it stopped; an interrupted
 training continues from its ``checkpoint_latest.pth`` (nnU-Net's ``--c``).
 
-``--records DIR`` keeps a compact copy of every finished run (per-case metrics, summary, per-epoch training log;
-a few kB) in a folder of the same layout, with its own report. Runs found there count as finished, so a campaign
-whose work folder is lost (a new machine) continues from the records, which are small enough to commit.
+``--records DIR`` keeps a compact copy of every finished run (per-case metrics, summary, per-epoch training log,
+provenance; a few kB) in a folder of the same layout, with its own report. Runs found there count as finished, so
+a campaign whose work folder is lost (a new machine) continues from the records, which are small enough to commit.
 """
 
 from __future__ import annotations
@@ -111,6 +111,8 @@ class Paths:
         self.predictions = self.workspace / "test_predictions" / run.trainer
         self.evaluation = self.workspace / "test_evaluation" / run.trainer
         self.logs = self.workspace / "logs"
+        #: the environment of every training stage of the run, until its evaluation copies it
+        self.training_stages = self.logs / f"provenance_{run.trainer}.json"
 
     @property
     def done(self) -> bool:
@@ -303,11 +305,10 @@ def execute(run: Run, paths: Paths, s: BenchmarkSettings, test_images: Path, tes
         if resume:
             train.append("--c")
         # every stage of a training, since one resumed elsewhere mixes machines
-        stages = paths.logs / f"provenance_{run.trainer}.json"
-        entries = json.loads(stages.read_text()) if stages.is_file() else []
+        entries = json.loads(paths.training_stages.read_text()) if paths.training_stages.is_file() else []
         entries.append({"stage": "resume" if resume else "train", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                         **environment_info(device)})
-        _write_json(stages, entries)
+        _write_json(paths.training_stages, entries)
         run_stage(train, env, paths.logs / f"train_{run.trainer}.log", paths.workspace,
                   TrainingReporter(run.trainer, s.epochs, clock))
     if not paths.done:
@@ -326,9 +327,8 @@ def execute(run: Run, paths: Paths, s: BenchmarkSettings, test_images: Path, tes
         evaluate_folders(test_labels, paths.predictions, tmp, dataset_json=dataset_json,
                          nsd_tolerance_mm=s.nsd_tolerance_mm, case_ids=test_ids)
         _write_json(tmp / TRAINING_LOG, checkpoint_logging(paths.model))
-        stages = paths.logs / f"provenance_{run.trainer}.json"
-        _write_json(tmp / PROVENANCE, {"training": json.loads(stages.read_text()) if stages.is_file() else [],
-                                       "evaluation": environment_info(device)})
+        stages = json.loads(paths.training_stages.read_text()) if paths.training_stages.is_file() else []
+        _write_json(tmp / PROVENANCE, {"training": stages, "evaluation": environment_info(device)})
         shutil.rmtree(paths.evaluation, ignore_errors=True)
         os.replace(tmp, paths.evaluation)
 
@@ -545,8 +545,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-file-check", action="store_true",
                    help="skip the byte-identical image check between test and training files")
     p.add_argument("--records", type=Path, default=None, metavar="DIR",
-                   help="keep a small copy of every finished run (per-case metrics, training log) and a report in "
-                   "DIR; runs found there count as finished, so the benchmark resumes from DIR in a new work folder")
+                   help="keep a small copy of every finished run (per-case metrics, training log, provenance) and a "
+                   "report in DIR; runs found there count as finished, so the benchmark resumes from DIR in a new "
+                   "work folder")
     p.add_argument("--dry-run", action="store_true", help="print the runs and their state, run nothing")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the report of -o (a work or records folder) from its finished runs; needs no "
