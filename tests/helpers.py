@@ -85,6 +85,9 @@ def train_resume_predict(root: Path, dataset_id: int, dataset: str, trainer: str
 
 TRAINERS = ["nnUNetTrainerMeanTeacher", "nnUNetTrainerFixMatch", "nnUNetTrainerCPS", "nnUNetTrainerMeanTeacherMetaSSL",
             "nnUNetTrainerFixMatchMetaSSL", "nnUNetTrainerCPSMetaSSL", "nnUNetTrainerMEDL"]
+# one trainer per host: the real-data pipeline (nnU-Net's full plans, ~2 min each on 2 cores) differs from the
+# synthetic one only in data, and the loss variants run on synthetic data through the same command line
+HOST_TRAINERS = ["nnUNetTrainerMeanTeacher", "nnUNetTrainerFixMatch", "nnUNetTrainerCPS", "nnUNetTrainerMEDL"]
 EXTRA_CHECKPOINTS = {"MeanTeacher": ["checkpoint_final_teacher.pth"], "CPS": ["checkpoint_final_net2.pth"],
                      "FixMatch": [], "MEDL": ["checkpoint_final_net2.pth"]}
 

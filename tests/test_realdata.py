@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 from conftest import HIPPOCAMPUS, nnunet_env, run_cli
-from helpers import TRAINERS, assert_trained_resumed_predicted, train_resume_predict
+from helpers import HOST_TRAINERS, assert_trained_resumed_predicted, train_resume_predict
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata,
               pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason="../shared/data/Dataset004_Hippocampus not found")]
@@ -42,7 +42,7 @@ def hippocampus(tmp_path_factory) -> dict:
     return {"root": tmp_path, "dataset": ds, "raw": raw}
 
 
-@pytest.mark.parametrize("trainer", TRAINERS)
+@pytest.mark.parametrize("trainer", HOST_TRAINERS)
 def test_trainer_pipeline_on_hippocampus(trainer, hippocampus):
     root, ds, raw = hippocampus["root"], hippocampus["dataset"], hippocampus["raw"]
     result = train_resume_predict(root, 4, ds, trainer, raw / "imagesUnlabeled")
