@@ -83,10 +83,9 @@ def train_resume_predict(root: Path, dataset_id: int, dataset: str, trainer: str
     return {"output": out, "first": first, "second": second, "predictions": predictions, "iterations": iterations}
 
 
-TRAINERS = ["nnUNetTrainerMeanTeacher", "nnUNetTrainerFixMatch", "nnUNetTrainerCPS", "nnUNetTrainerMeanTeacherMetaSSL",
-            "nnUNetTrainerFixMatchMetaSSL", "nnUNetTrainerCPSMetaSSL", "nnUNetTrainerMEDL"]
-# one trainer per host: the real-data pipeline (nnU-Net's full plans, ~2 min each on 2 cores) differs from the
-# synthetic one only in data, and the loss variants run on synthetic data through the same command line
+# one trainer per host for the pipeline runs (train, --c, predict with every checkpoint), about 1-2 min each on 2
+# cores; a loss variant takes its host's command-line path, and test_hosts.py plugs each loss into every host and
+# resumes it in-process
 HOST_TRAINERS = ["nnUNetTrainerMeanTeacher", "nnUNetTrainerFixMatch", "nnUNetTrainerCPS", "nnUNetTrainerMEDL"]
 EXTRA_CHECKPOINTS = {"MeanTeacher": ["checkpoint_final_teacher.pth"], "CPS": ["checkpoint_final_net2.pth"],
                      "FixMatch": [], "MEDL": ["checkpoint_final_net2.pth"]}

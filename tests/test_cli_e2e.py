@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import nnunet_env, run_cli
-from helpers import TRAINERS, assert_trained_resumed_predicted, train_resume_predict
+from helpers import HOST_TRAINERS, assert_trained_resumed_predicted, train_resume_predict
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def prepared(synthetic_planned, tmp_path_factory) -> dict:
     return {"root": root, "dataset": ds}
 
 
-@pytest.mark.parametrize("trainer", TRAINERS)
+@pytest.mark.parametrize("trainer", [*HOST_TRAINERS, "nnUNetTrainerMeanTeacherMetaSSL"])
 def test_trainer_pipeline_from_the_command_line(trainer, prepared):
     root, ds = prepared["root"], prepared["dataset"]
     result = train_resume_predict(root, 990, ds, trainer, root / "raw" / ds / "imagesTs")
