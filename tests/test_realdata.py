@@ -42,8 +42,8 @@ def hippocampus(tmp_path_factory) -> dict:
     return {"root": tmp_path, "dataset": ds, "raw": raw}
 
 
-# MEDL is left out here: test_medl.py trains and resumes it on these Hippocampus cases and predicts with both of
-# its networks
+# MEDL is left out here: test_medl.py trains and resumes it on Hippocampus training cases of its own and predicts
+# with both of its networks
 @pytest.mark.parametrize("trainer", [t for t in HOST_TRAINERS if t != "nnUNetTrainerMEDL"])
 def test_trainer_pipeline_on_hippocampus(trainer, hippocampus):
     root, ds, raw = hippocampus["root"], hippocampus["dataset"], hippocampus["raw"]
