@@ -163,13 +163,16 @@ def test_report_pairs_cases_over_seeds_against_the_baseline(tmp_path):
     from scipy.stats import wilcoxon
 
     assert float(p["wilcoxon_p"]) == pytest.approx(wilcoxon([0.15, 0.05, -0.05]).pvalue)
+    # each seed's own test on its per-case differences (seed 1: .2 .1 0)
+    seed_p = [wilcoxon([np.mean(mt[c]) - np.mean(base[c]) for c in base]).pvalue for mt in (mt0, mt1)]
+    assert [float(x) for x in p["wilcoxon_p_per_seed"].split()] == pytest.approx(seed_p, rel=1e-5)
     results = {(r["trainer"], r["seed"]): r for r in csv.DictReader(open(out / "results.csv"))}
     assert float(results[("nnUNetTrainerMeanTeacher", "1")]["dice"]) == pytest.approx((0.9 + 0.6 + 0.8) / 3)
     assert float(results[("nnUNetTrainerSupervised", "0")]["hd95"]) == pytest.approx(2.0)  # NaN class skipped
     text = (out / "report.md").read_text()
     mt_mean = np.mean([(0.8 + 0.5 + 0.7) / 3, (0.9 + 0.6 + 0.8) / 3])
     assert f"{mt_mean:.4f} ± " in text
-    assert "| s0 +0.0000, s1 +0.1000 |" in text
+    assert f"| s0 +0.0000 (p {seed_p[0]:.2g}), s1 +0.1000 (p {seed_p[1]:.2g}) |" in text
     assert (out / "dice_vs_budget.png").stat().st_size > 0 and (out / "training_curves.png").stat().st_size > 0
 
 

@@ -106,6 +106,7 @@ def paired(scores, trainer: str, budget: str) -> dict | None:
     seed_means = [float(np.nanmean(row)) if len(row) else math.nan for row in per_seed]
     return {"trainer": trainer, "budget": budget, "seeds": seeds, "n_cases": len(cases),
             "mean_diff": float(diffs.mean()) if len(diffs) else math.nan, "mean_diff_per_seed": seed_means,
+            "wilcoxon_p_per_seed": [wilcoxon_p(row) for row in per_seed],
             "ci_low": low, "ci_high": high,
             "wilcoxon_p": wilcoxon_p(diffs), "better": int((diffs > 0).sum()), "worse": int((diffs < 0).sum())}
 
@@ -166,12 +167,15 @@ def write_report(out: Path) -> Path:
     add_noise_floor(pairs)
     lines += ["## Paired per-case difference to the supervised baseline (test Dice)", "",
               "Per test case, trainer minus baseline, averaged over the seeds both finished; two-sided Wilcoxon "
-              "signed-rank test over cases; 95 % bootstrap interval of the mean difference.", "",
+              "signed-rank test over cases; 95 % bootstrap interval of the mean difference. With several seeds, "
+              "\"Δ per seed\" also gives each seed's own Wilcoxon p.", "",
               "| trainer | budget | seeds | cases | mean Δ Dice | Δ per seed | 95 % CI | better / worse | Wilcoxon p "
               "| training noise |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for p in pairs:
-        per_seed = ", ".join(f"s{sd} {d:+.4f}" for sd, d in zip(p["seeds"], p["mean_diff_per_seed"]))
+        # a seed's own p only when the pooled one is over several seeds
+        per_seed = ", ".join(f"s{sd} {d:+.4f}" + (f" (p {q:.2g})" if len(p["seeds"]) > 1 else "")
+                             for sd, d, q in zip(p["seeds"], p["mean_diff_per_seed"], p["wilcoxon_p_per_seed"]))
         noise = "–" if math.isnan(p["noise_floor"]) else \
             f"{p['noise_floor']:.4f}: {'beyond' if p['beyond_noise'] else 'within'}"
         lines.append(f"| {p['trainer']} | {p['budget']} | {len(p['seeds'])} | {p['n_cases']} | "
@@ -186,10 +190,11 @@ def write_report(out: Path) -> Path:
                   "|Δ per seed| of that control at the budget; a trainer whose |mean Δ| is within it has not been "
                   "shown to differ from the baseline, whatever its p-value."]
     _write_csv(out / "paired.csv", [{**p, "seeds": " ".join(map(str, p["seeds"])),
-                                     "mean_diff_per_seed": " ".join(f"{d:.6f}" for d in p["mean_diff_per_seed"])}
+                                     "mean_diff_per_seed": " ".join(f"{d:.6f}" for d in p["mean_diff_per_seed"]),
+                                     "wilcoxon_p_per_seed": " ".join(f"{q:.6g}" for q in p["wilcoxon_p_per_seed"])}
                                     for p in pairs],
                ["trainer", "budget", "seeds", "n_cases", "mean_diff", "mean_diff_per_seed", "ci_low", "ci_high",
-                "better", "worse", "wilcoxon_p", "noise_floor", "beyond_noise"])
+                "better", "worse", "wilcoxon_p", "wilcoxon_p_per_seed", "noise_floor", "beyond_noise"])
     lines += ["", "## Where the runs were made", "",
               "Training stages (a resumed training has several) by machine and software; numbers of the same run "
               "differ slightly between machines.", "", "| device | torch | nnunetv2 | runs |", "|---|---|---|---|"]
