@@ -4,7 +4,8 @@ Per run, a test case's score is the mean over foreground classes (Dice, NSD) or 
 one-sided empty cases are NaN under the evaluation's convention). For the paired comparison of trainer T with the
 baseline at one budget, each test case's difference is averaged over the seeds both have finished, so each case
 counts once: n = number of test cases. The test is the two-sided Wilcoxon signed-rank test on those differences;
-the 95 % interval of the mean difference is a percentile bootstrap over cases (10,000 resamples, seed 0).
+the 95 % interval of the mean difference is a percentile bootstrap over cases (10,000 resamples, seed 0). Each
+seed's own differences get the same test as well (``wilcoxon_p_per_seed``).
 """
 
 from __future__ import annotations
