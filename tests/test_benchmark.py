@@ -214,6 +214,49 @@ def test_report_explains_the_training_noise_control(tmp_path):
     assert issubclass(cls, trainers.nnUNetTrainerSupervised) and cls.training_seed_offset == 1000
 
 
+def test_report_pairs_each_composite_with_its_host(tmp_path):
+    trainers = ["nnUNetTrainerFixMatch", "nnUNetTrainerFixMatchMetaSSL", "nnUNetTrainerMeanTeacherMetaSSL",
+                "nnUNetTrainerMeanTeacherQualityGuidedMetaSSL", "nnUNetTrainerMEDL", benchmark.RESEEDED]
+    # hosts come from the classes' inheritance, limited to what the matrix runs
+    assert report.host_of("nnUNetTrainerFixMatchMetaSSL", trainers) == "nnUNetTrainerFixMatch"
+    assert report.host_of("nnUNetTrainerMeanTeacherQualityGuidedMetaSSL", trainers) == \
+        "nnUNetTrainerMeanTeacherMetaSSL"
+    assert report.host_of("nnUNetTrainerMeanTeacherMetaSSL", trainers) is None  # its host is not in the matrix
+    assert report.host_of("nnUNetTrainerMeanTeacherMetaSSL", ["nnUNetTrainerMeanTeacher"]) == \
+        "nnUNetTrainerMeanTeacher"
+    for alone in ("nnUNetTrainerMEDL", benchmark.RESEEDED, "nnUNetTrainerNotOurs"):
+        assert report.host_of(alone, trainers + [benchmark.BASELINE]) is None
+
+    s = benchmark.BenchmarkSettings("Dataset990_SSLSynthetic", "3d_fullres", 0, "nnUNetPlans", trainers[:2], [2],
+                                    [0, 1], False, 1, 2, 1, ["c1", "c2"])
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / benchmark.SETTINGS_FILE).write_text(json.dumps(benchmark.asdict(s)))
+    for seed in (0, 1):
+        _fake_run(out, s, benchmark.BASELINE, "2", seed, {"c1": (0.8, 0.6), "c2": (0.5, 0.5)})
+    _fake_run(out, s, "nnUNetTrainerFixMatch", "2", 0, {"c1": (0.8, 0.8), "c2": (0.6, 0.6)})  # .8 .6
+    _fake_run(out, s, "nnUNetTrainerFixMatch", "2", 1, {"c1": (0.8, 0.6), "c2": (0.6, 0.6)})  # .7 .6
+    _fake_run(out, s, "nnUNetTrainerFixMatchMetaSSL", "2", 0, {"c1": (0.9, 0.9), "c2": (0.6, 0.6)})  # .9 .6
+    report.write_report(out)
+    rows = {(r["trainer"], r["reference"]): r for r in csv.DictReader(open(out / "paired.csv"))}
+    assert set(rows) == {("nnUNetTrainerFixMatch", benchmark.BASELINE),
+                         ("nnUNetTrainerFixMatchMetaSSL", benchmark.BASELINE),
+                         ("nnUNetTrainerFixMatchMetaSSL", "nnUNetTrainerFixMatch")}
+    # against the host only seed 0 is shared: differences +.1 and 0
+    host = rows[("nnUNetTrainerFixMatchMetaSSL", "nnUNetTrainerFixMatch")]
+    assert host["seeds"] == "0" and float(host["mean_diff"]) == pytest.approx(0.05)
+    assert (int(host["better"]), int(host["worse"])) == (1, 0)
+    # against the baseline: .9 - .7 and .6 - .5
+    assert float(rows[("nnUNetTrainerFixMatchMetaSSL", benchmark.BASELINE)]["mean_diff"]) == pytest.approx(0.15)
+    text = (out / "report.md").read_text()
+    assert "## Paired per-case difference of each composite to its host" in text
+    assert "| nnUNetTrainerFixMatchMetaSSL − nnUNetTrainerFixMatch | 2 | 1 | 2 | +0.0500 |" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# records
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # records
 

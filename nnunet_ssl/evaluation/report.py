@@ -6,6 +6,10 @@ baseline at one budget, each test case's difference is averaged over the seeds b
 counts once: n = number of test cases. The test is the two-sided Wilcoxon signed-rank test on those differences;
 the 95 % interval of the mean difference is a percentile bootstrap over cases (10,000 resamples, seed 0). Each
 seed's own differences get the same test as well (``wilcoxon_p_per_seed``).
+
+A composite trainer (a host with a loss or weighting added, e.g. FixMatch + MetaSSL) is also paired the same way
+against its host, the nearest class it inherits from that is in the matrix, so the report shows what the loss adds
+to its host and not only to the baseline.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import math
 import os
 import tempfile
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -92,30 +97,47 @@ def collect(out: Path) -> tuple[BenchmarkSettings, dict[tuple[str, str, int], di
     return s, scores
 
 
-def paired(scores, trainer: str, budget: str) -> dict | None:
+def paired(scores, trainer: str, budget: str, reference: str = BASELINE) -> dict | None:
+    """Per-case Dice of ``trainer`` minus ``reference`` at one budget, over the seeds both finished."""
     seeds = sorted({k[2] for k in scores if k[0] == trainer and k[1] == budget}
-                   & {k[2] for k in scores if k[0] == BASELINE and k[1] == budget})
+                   & {k[2] for k in scores if k[0] == reference and k[1] == budget})
     if not seeds:
         return None
-    cases = sorted(set.intersection(*[set(scores[(trainer, budget, sd)]) & set(scores[(BASELINE, budget, sd)])
+    cases = sorted(set.intersection(*[set(scores[(trainer, budget, sd)]) & set(scores[(reference, budget, sd)])
                                       for sd in seeds]))
-    per_seed = np.array([[scores[(trainer, budget, sd)][c]["dice"] - scores[(BASELINE, budget, sd)][c]["dice"]
+    per_seed = np.array([[scores[(trainer, budget, sd)][c]["dice"] - scores[(reference, budget, sd)][c]["dice"]
                           for c in cases] for sd in seeds]).reshape(len(seeds), len(cases))
     diffs = per_seed.mean(0)
     low, high = bootstrap_ci(diffs)
     # the seeds' own mean differences show whether the sign holds across draws of the labeled cases
     seed_means = [float(np.nanmean(row)) if len(row) else math.nan for row in per_seed]
-    return {"trainer": trainer, "budget": budget, "seeds": seeds, "n_cases": len(cases),
+    return {"trainer": trainer, "reference": reference, "budget": budget, "seeds": seeds, "n_cases": len(cases),
             "mean_diff": float(diffs.mean()) if len(diffs) else math.nan, "mean_diff_per_seed": seed_means,
             "wilcoxon_p_per_seed": [wilcoxon_p(row) for row in per_seed],
             "ci_low": low, "ci_high": high,
             "wilcoxon_p": wilcoxon_p(diffs), "better": int((diffs > 0).sum()), "worse": int((diffs < 0).sum())}
 
 
+def host_of(trainer: str, candidates: Sequence[str]) -> str | None:
+    """The nearest class in ``trainer``'s MRO, other than itself and the baseline, whose name is in ``candidates``;
+    None for trainers nnunet-ssl does not define."""
+    from nnunet_ssl import trainers
+
+    cls = getattr(trainers, trainer, None) if trainer in trainers.__all__ else None
+    if cls is None:
+        return None
+    for base in cls.__mro__[1:]:
+        if base.__name__ in candidates and base.__name__ not in (trainer, BASELINE):
+            return base.__name__
+    return None
+
+
 def add_noise_floor(pairs: list[dict]) -> None:
     """Adds ``noise_floor`` (the training-noise control's largest |mean difference per seed| at the pair's budget,
-    NaN without a control) and ``beyond_noise`` (|mean difference| above it) to every pair."""
-    floors = {p["budget"]: max(abs(d) for d in p["mean_diff_per_seed"]) for p in pairs if p["trainer"] == RESEEDED}
+    NaN without a control) and ``beyond_noise`` (|mean difference| above it) to every pair. The floor measures two
+    trainings that differ only in their seed, so it applies to a composite against its host as well."""
+    floors = {p["budget"]: max(abs(d) for d in p["mean_diff_per_seed"]) for p in pairs
+              if p["trainer"] == RESEEDED and p["reference"] == BASELINE}
     for p in pairs:
         floor = floors.get(p["budget"], math.nan) if p["trainer"] != RESEEDED else math.nan
         p["noise_floor"] = floor
@@ -165,37 +187,33 @@ def write_report(out: Path) -> Path:
         lines.append("")
     pairs = [p for b in budgets if b != FULL for t in trainers if t != BASELINE
              if (p := paired(scores, t, b)) is not None]
-    add_noise_floor(pairs)
+    hosts = {t: h for t in trainers if (h := host_of(t, trainers)) is not None}
+    host_pairs = [p for b in budgets if b != FULL for t, h in hosts.items()
+                  if (p := paired(scores, t, b, reference=h)) is not None]
+    add_noise_floor(pairs + host_pairs)
     lines += ["## Paired per-case difference to the supervised baseline (test Dice)", "",
               "Per test case, trainer minus baseline, averaged over the seeds both finished; two-sided Wilcoxon "
               "signed-rank test over cases; 95 % bootstrap interval of the mean difference. With several seeds, "
-              "\"Δ per seed\" also gives each seed's own Wilcoxon p.", "",
-              "| trainer | budget | seeds | cases | mean Δ Dice | Δ per seed | 95 % CI | better / worse | Wilcoxon p "
-              "| training noise |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for p in pairs:
-        # a seed's own p only when the pooled one is over several seeds
-        per_seed = ", ".join(f"s{sd} {d:+.4f}" + (f" (p {q:.2g})" if len(p["seeds"]) > 1 else "")
-                             for sd, d, q in zip(p["seeds"], p["mean_diff_per_seed"], p["wilcoxon_p_per_seed"]))
-        noise = "–" if math.isnan(p["noise_floor"]) else \
-            f"{p['noise_floor']:.4f}: {'beyond' if p['beyond_noise'] else 'within'}"
-        lines.append(f"| {p['trainer']} | {p['budget']} | {len(p['seeds'])} | {p['n_cases']} | "
-                     f"{p['mean_diff']:+.4f} | {per_seed} | [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}] | "
-                     f"{p['better']} / {p['worse']} | {p['wilcoxon_p']:.3g} | {noise} |")
-    if not pairs:
-        lines.append("| (no budget has both the baseline and an SSL trainer finished yet) | | | | | | | | | |")
+              "\"Δ per seed\" also gives each seed's own Wilcoxon p.", ""]
+    lines += _pair_table(pairs, "trainer", "(no budget has both the baseline and an SSL trainer finished yet)")
     if any(p["trainer"] == RESEEDED for p in pairs):
         lines += ["", f"`{RESEEDED}` is the baseline trained again on the same labeled cases with another training "
                   "seed: its row is the difference that training randomness alone produces, and its p-value shows "
                   "how often the per-case test calls such noise significant. \"Training noise\" is the largest "
                   "|Δ per seed| of that control at the budget; a trainer whose |mean Δ| is within it has not been "
                   "shown to differ from the baseline, whatever its p-value."]
+    if hosts:
+        lines += ["", "## Paired per-case difference of each composite to its host (test Dice)", "",
+                  "A composite adds a loss or weighting to a host trainer; here it is paired with that host (the "
+                  "nearest class it inherits from in the matrix) the same way, so Δ is what the addition itself "
+                  "changes. The training-noise floor is the same control's.", ""]
+        lines += _pair_table(host_pairs, "composite − host", "(no composite and its host finished yet)")
     _write_csv(out / "paired.csv", [{**p, "seeds": " ".join(map(str, p["seeds"])),
                                      "mean_diff_per_seed": " ".join(f"{d:.6f}" for d in p["mean_diff_per_seed"]),
                                      "wilcoxon_p_per_seed": " ".join(f"{q:.6g}" for q in p["wilcoxon_p_per_seed"])}
-                                    for p in pairs],
-               ["trainer", "budget", "seeds", "n_cases", "mean_diff", "mean_diff_per_seed", "ci_low", "ci_high",
-                "better", "worse", "wilcoxon_p", "wilcoxon_p_per_seed", "noise_floor", "beyond_noise"])
+                                    for p in pairs + host_pairs],
+               ["trainer", "reference", "budget", "seeds", "n_cases", "mean_diff", "mean_diff_per_seed", "ci_low",
+                "ci_high", "better", "worse", "wilcoxon_p", "wilcoxon_p_per_seed", "noise_floor", "beyond_noise"])
     lines += ["", "## Where the runs were made", "",
               "Training stages (a resumed training has several) by machine and software; numbers of the same run "
               "differ slightly between machines.", "", "| device | torch | nnunetv2 | runs |", "|---|---|---|---|"]
@@ -207,6 +225,24 @@ def write_report(out: Path) -> Path:
     report = out / "report.md"
     _atomic_text(report, "\n".join(lines))
     return report
+
+
+def _pair_table(pairs: list[dict], first: str, empty: str) -> list[str]:
+    lines = [f"| {first} | budget | seeds | cases | mean Δ Dice | Δ per seed | 95 % CI | better / worse | "
+             "Wilcoxon p | training noise |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in pairs:
+        # a seed's own p only when the pooled one is over several seeds
+        per_seed = ", ".join(f"s{sd} {d:+.4f}" + (f" (p {q:.2g})" if len(p["seeds"]) > 1 else "")
+                             for sd, d, q in zip(p["seeds"], p["mean_diff_per_seed"], p["wilcoxon_p_per_seed"]))
+        noise = "–" if math.isnan(p["noise_floor"]) else \
+            f"{p['noise_floor']:.4f}: {'beyond' if p['beyond_noise'] else 'within'}"
+        name = p["trainer"] if p["reference"] == BASELINE else f"{p['trainer']} − {p['reference']}"
+        lines.append(f"| {name} | {p['budget']} | {len(p['seeds'])} | {p['n_cases']} | "
+                     f"{p['mean_diff']:+.4f} | {per_seed} | [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}] | "
+                     f"{p['better']} / {p['worse']} | {p['wilcoxon_p']:.3g} | {noise} |")
+    if not pairs:
+        lines.append(f"| {empty} | | | | | | | | | |")
+    return lines
 
 
 def _provenance(out: Path, s: BenchmarkSettings, scores) -> list[tuple[tuple[str, str, str], int]]:
