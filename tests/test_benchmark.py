@@ -257,10 +257,6 @@ def test_report_pairs_each_composite_with_its_host(tmp_path):
 # records
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# records
-
-
 def test_records_carry_finished_runs_to_a_new_work_folder(tmp_path):
     import torch
 

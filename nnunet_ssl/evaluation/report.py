@@ -123,13 +123,10 @@ def host_of(trainer: str, candidates: Sequence[str]) -> str | None:
     None for trainers nnunet-ssl does not define."""
     from nnunet_ssl import trainers
 
-    cls = getattr(trainers, trainer, None) if trainer in trainers.__all__ else None
-    if cls is None:
+    if trainer not in trainers.__all__:
         return None
-    for base in cls.__mro__[1:]:
-        if base.__name__ in candidates and base.__name__ not in (trainer, BASELINE):
-            return base.__name__
-    return None
+    return next((base.__name__ for base in getattr(trainers, trainer).__mro__[1:]
+                 if base.__name__ in candidates and base.__name__ != BASELINE), None)
 
 
 def add_noise_floor(pairs: list[dict]) -> None:
