@@ -253,6 +253,21 @@ def test_report_pairs_each_composite_with_its_host(tmp_path):
     assert "| nnUNetTrainerFixMatchMetaSSL − nnUNetTrainerFixMatch | 2 | 1 | 2 | +0.0500 |" in text
 
 
+@pytest.mark.parametrize("n", [3, 13, 24])
+def test_plot_colours_are_distinct_for_every_trainer(n):
+    # matplotlib's C0..C9 repeat after ten trainers, which drew the eleventh in the baseline's colour
+    import matplotlib
+
+    names = [f"nnUNetTrainer{i}" for i in range(n)]
+    colours = report.trainer_colors(names)
+    assert list(colours) == names
+    assert len(set(colours.values())) == n
+    if 10 < n <= 20:
+        # tab20's ten strong colours first: the second trainer is strong orange, not the baseline's light twin
+        assert colours[names[1]] == matplotlib.colormaps["tab20"](2)
+        assert colours[names[10]] == matplotlib.colormaps["tab20"](1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # records
 
