@@ -150,9 +150,28 @@ def test_metassl_plugs_into_every_host_and_resumes_thresholds(cls, copy_planned,
     trainer = make_trainer(cls, copy_planned["root"], copy_planned["dataset"], monkeypatch)
     trainer.on_train_start()
     try:
+        seen: dict[str, list[float]] = {"labeled": [], "unlabeled": []}
+
+        def recording(fn, key):
+            def wrapped(*args):
+                loss, stats = fn(*args)
+                seen[key].append(float(loss))
+                return loss, stats
+            return wrapped
+
+        monkeypatch.setattr(trainer, "labeled_loss", recording(trainer.labeled_loss, "labeled"))
+        monkeypatch.setattr(trainer, "unsupervised_loss", recording(trainer.unsupervised_loss, "unlabeled"))
         trainer.on_train_epoch_start()
-        trainer.train_step(next(trainer.dataloader_train))
+        out = trainer.train_step(next(trainer.dataloader_train))
         stats = trainer._epoch_stats[-1]
+        # the lambda-weighted term is unlabeled + labeled branch; the branch is logged on its own (CPS: both directions)
+        assert len(seen["labeled"]) == len(seen["unlabeled"]) == (2 if cls is nnUNetTrainerCPSMetaSSL else 1)
+        assert stats["ssl_labeled_branch_loss"] == pytest.approx(sum(seen["labeled"]), rel=1e-5)
+        assert stats["ssl_unsup_loss"] == pytest.approx(sum(seen["labeled"]) + sum(seen["unlabeled"]), rel=1e-5)
+        assert stats["ssl_labeled_branch_loss"] > 0
+        trainer.on_train_epoch_end([out])
+        log = trainer.logger.local_logger.my_fantastic_logging
+        assert log["ssl_labeled_branch_loss"][-1] == pytest.approx(stats["ssl_labeled_branch_loss"])
         for branch in "ul":
             fractions = [stats[f"ssl_{branch}_frac_{r}"] for r in ("uc", "us", "dc", "ds")]
             assert sum(fractions) == pytest.approx(1.0, abs=1e-6)

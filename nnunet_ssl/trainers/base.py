@@ -272,15 +272,18 @@ class nnUNetTrainerSSL(ScheduleFromEnvironment, nnUNetTrainer):
         return float(3 * (labeled_batch + unlabeled_batch) + unlabeled_batch + extra)
 
     def ssl_log_keys(self) -> list[str]:
-        return ["ssl_sup_loss", "ssl_unsup_loss", "ssl_lambda", "ssl_confidence", "ssl_coverage",
-                "ssl_reference_dice"]
+        keys = ["ssl_sup_loss", "ssl_unsup_loss", "ssl_lambda", "ssl_confidence", "ssl_coverage", "ssl_reference_dice"]
+        return [*keys, "ssl_labeled_branch_loss"] if self.uses_labeled_reference else keys
 
     def ssl_plot_panels(self) -> list[tuple[str, dict[str, str]]]:
         """(title, {legend label: log key}) for each panel of progress_ssl.png."""
         return [
             # nnU-Net's Dice + CE turns negative, so it gets a linear axis of its own
             ("supervised loss (nnU-Net's Dice + CE)", {"supervised loss": "ssl_sup_loss"}),
-            ("unsupervised loss, before lambda (log)", {"unsupervised loss": "ssl_unsup_loss"}),
+            # a labeled branch (MetaSSL) is part of the lambda-weighted term, so it is drawn beside the total
+            ("unsupervised loss, before lambda (log)", {"unsupervised loss": "ssl_unsup_loss"}
+             if not self.uses_labeled_reference else {"unlabeled + labeled branch": "ssl_unsup_loss",
+                                                      "labeled branch alone": "ssl_labeled_branch_loss"}),
             ("unsupervised weight", {"lambda": "ssl_lambda"}),
             ("pseudo-labels", {"mean confidence": "ssl_confidence",
                                f"coverage (conf >= {self.confidence_threshold})": "ssl_coverage"}),
@@ -467,7 +470,7 @@ class nnUNetTrainerSSL(ScheduleFromEnvironment, nnUNetTrainer):
                 lab_loss, lab_stats = self.labeled_loss(full_resolution(out_labeled).float(),
                                                         reference_labeled.float(), full_resolution(target))
                 unsup_loss = unsup_loss + lab_loss
-                stats.update(lab_stats)
+                stats.update(lab_stats, labeled_branch_loss=lab_loss.detach())
         return sup_loss, unsup_loss, stats
 
     def train_step(self, batch: dict) -> dict:
@@ -519,9 +522,10 @@ class nnUNetTrainerSSL(ScheduleFromEnvironment, nnUNetTrainer):
             means = {k: float(np.nanmean([g[k] for g in gathered])) for k in keys}
         for k in keys:
             self.logger.log(k, means[k], self.current_epoch)
+        branch = f" (labeled branch {means['ssl_labeled_branch_loss']:.4f})" if self.uses_labeled_reference else ""
         self.print_to_log_file(
-            "ssl: sup {:.4f} unsup {:.4f} lambda {:.4f} confidence {:.3f} coverage {:.3f}".format(
-                means["ssl_sup_loss"], means["ssl_unsup_loss"], means["ssl_lambda"], means["ssl_confidence"],
+            "ssl: sup {:.4f} unsup {:.4f}{} lambda {:.4f} confidence {:.3f} coverage {:.3f}".format(
+                means["ssl_sup_loss"], means["ssl_unsup_loss"], branch, means["ssl_lambda"], means["ssl_confidence"],
                 means["ssl_coverage"]))
 
     def on_validation_epoch_start(self) -> None:

@@ -88,7 +88,7 @@ class nnUNetTrainerCPS(nnUNetTrainerSSL):
                 self.loss_direction = 1
                 b, sb = self.labeled_loss(l2, l1.detach(), t)
                 unsup_loss = unsup_loss + a + b
-                stats.update(_mean_stats([sa, sb]))
+                stats.update(_mean_stats([sa, sb]), labeled_branch_loss=(a + b).detach())
             self.loss_direction = 0
         return sup_loss, unsup_loss, stats
 

@@ -25,7 +25,9 @@ class MetaSSL:
     Host-specific notes: with Mean Teacher the teacher also predicts the labeled images (as in the official MT
     code); with FixMatch the reference on labeled images is the same network without gradient, so every labeled
     voxel is unanimous and the labeled branch splits by confidence only; with CPS each direction has its own loss
-    module and thresholds. Thresholds are part of the checkpoint and resume with ``--c``.
+    module and thresholds. Thresholds are part of the checkpoint and resume with ``--c``. The logged
+    ``ssl_unsup_loss`` is the whole bracket (unlabeled + labeled branch); ``ssl_labeled_branch_loss`` is the
+    labeled branch alone (summed over both directions with CPS).
 
     Set ``metassl_order = "paper"`` for the abstract's UC > US > DC > DS order (default: the official 3D MT
     weights, UC > US > DS > DC), or the ``metassl_*`` attributes below in a subclass.
