@@ -271,7 +271,9 @@ class TrainingReporter:
         elif message.startswith("ssl: "):
             pairs = dict(re.findall(r"(\w+) (" + _FLOAT + ")", message[5:]))
             if "unsup" in pairs and "lambda" in pairs:
-                self.values["ssl"] = f"unsup {float(pairs['unsup']):.4f} lambda {float(pairs['lambda']):.3f}"
+                # MetaSSL's "unsup" includes its labeled branch; show that part so the total is not misread
+                branch = f" (labeled branch {float(pairs['branch']):.4f})" if "branch" in pairs else ""
+                self.values["ssl"] = f"unsup {float(pairs['unsup']):.4f}{branch} lambda {float(pairs['lambda']):.3f}"
         elif m := re.match(r"unlabeled pool: (\d+) cases", message):
             self.unlabeled_pool = int(m.group(1))
         elif m := re.match(r"Epoch time: (" + _FLOAT + ") s", message):
