@@ -19,6 +19,7 @@ from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from torch import nn
 
 from nnunet_ssl.data.unlabeled_loader import UnlabeledMultiViewLoader, split_transforms
+from nnunet_ssl.demo.run_demo import Clock, TrainingReporter
 from nnunet_ssl.errors import SSLInputError
 from nnunet_ssl.hosts.ema import ema_decay, ema_update, make_teacher
 from nnunet_ssl.losses.consistency import confidence_stats, mse_consistency
@@ -196,8 +197,6 @@ def test_log_panels_fall_back_to_symlog_for_non_positive_values(tmp_path):
 
 @pytest.mark.parametrize("branch", ["", " (labeled branch 0.3000)"])
 def test_training_progress_line_reads_nnunet_log_lines(branch, capsys):
-    from nnunet_ssl.demo.run_demo import Clock, TrainingReporter
-
     reporter = TrainingReporter("MT", epochs=20, clock=Clock())
     for line in ["2026-01-01 12:00:00.000000: Epoch 2", "2026-01-01 12:00:01.000000: train_loss -0.1234",
                  "2026-01-01 12:00:01.000000: val_loss -0.5",

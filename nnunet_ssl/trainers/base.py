@@ -277,13 +277,13 @@ class nnUNetTrainerSSL(ScheduleFromEnvironment, nnUNetTrainer):
 
     def ssl_plot_panels(self) -> list[tuple[str, dict[str, str]]]:
         """(title, {legend label: log key}) for each panel of progress_ssl.png."""
+        unsup = {"unsupervised loss": "ssl_unsup_loss"}
+        if self.uses_labeled_reference:  # a labeled branch (MetaSSL) is part of the lambda-weighted term
+            unsup = {"unlabeled + labeled branch": "ssl_unsup_loss", "labeled branch alone": "ssl_labeled_branch_loss"}
         return [
             # nnU-Net's Dice + CE turns negative, so it gets a linear axis of its own
             ("supervised loss (nnU-Net's Dice + CE)", {"supervised loss": "ssl_sup_loss"}),
-            # a labeled branch (MetaSSL) is part of the lambda-weighted term, so it is drawn beside the total
-            ("unsupervised loss, before lambda (log)", {"unsupervised loss": "ssl_unsup_loss"}
-             if not self.uses_labeled_reference else {"unlabeled + labeled branch": "ssl_unsup_loss",
-                                                      "labeled branch alone": "ssl_labeled_branch_loss"}),
+            ("unsupervised loss, before lambda (log)", unsup),
             ("unsupervised weight", {"lambda": "ssl_lambda"}),
             ("pseudo-labels", {"mean confidence": "ssl_confidence",
                                f"coverage (conf >= {self.confidence_threshold})": "ssl_coverage"}),
