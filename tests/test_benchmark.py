@@ -382,6 +382,16 @@ def test_tiny_benchmark_runs_reports_and_resumes(copy_planned, tmp_path):
     third = run_cli(args, env=env)
     assert "3 runs (3 done, 0 to do)" in third.stdout
 
+    # a start stopped before its first checkpoint leaves a stage entry; the start from scratch that replaces its
+    # model does not keep it
+    model.unlink()
+    shutil.rmtree(out / mt)
+    shutil.rmtree(records / mt)
+    retrained = run_cli(args, env=env)
+    assert "training (from scratch)" in retrained.stdout
+    stages = json.loads((records / mt / benchmark.PROVENANCE).read_text())["training"]
+    assert [e["stage"] for e in stages] == ["train"]
+
     # a lost work folder: a new one continues from the records alone, without training anything
     fresh = tmp_path / "bench_new_machine"
     args[args.index(str(out))] = str(fresh)

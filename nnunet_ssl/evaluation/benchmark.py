@@ -304,8 +304,9 @@ def execute(run: Run, paths: Paths, s: BenchmarkSettings, test_images: Path, tes
                  "-device", device]
         if resume:
             train.append("--c")
-        # every stage of a training, since one resumed elsewhere mixes machines
-        entries = json.loads(paths.training_stages.read_text()) if paths.training_stages.is_file() else []
+        # every stage of a training, since one resumed elsewhere mixes machines; a start from scratch replaces
+        # the model of any earlier start that was stopped before its first checkpoint, so it drops those entries
+        entries = json.loads(paths.training_stages.read_text()) if resume and paths.training_stages.is_file() else []
         entries.append({"stage": "resume" if resume else "train", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                         **environment_info(device)})
         _write_json(paths.training_stages, entries)
