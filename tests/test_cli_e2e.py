@@ -33,7 +33,7 @@ def prepared(synthetic_planned, tmp_path_factory) -> dict:
     return {"root": root, "dataset": ds}
 
 
-@pytest.mark.parametrize("trainer", [*HOST_TRAINERS, "nnUNetTrainerMeanTeacherMetaSSL"])
+@pytest.mark.parametrize("trainer", HOST_TRAINERS)
 def test_trainer_pipeline_from_the_command_line(trainer, prepared):
     root, ds = prepared["root"], prepared["dataset"]
     result = train_resume_predict(root, 990, ds, trainer, root / "raw" / ds / "imagesTs")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import HIPPOCAMPUS, nnunet_env, run_cli
+from conftest import HIPPOCAMPUS, lower_batch_size, nnunet_env, run_cli
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 from helpers import case_ids, make_trainer, write_budget_splits
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -311,9 +311,7 @@ def hippocampus_medl(tmp_path_factory) -> dict:
     run_cli(["nnUNetv2_ssl_preprocess_unlabeled", "-d", "4", "-c", "3d_fullres", "-np", "2"], env=env)
     pp = root / "preprocessed" / ds
     write_budget_splits(pp, labeled[:3], labeled[3:], [])
-    plans = json.loads((pp / "nnUNetPlans.json").read_text())
-    plans["configurations"]["3d_fullres"]["batch_size"] = 2
-    (pp / "nnUNetPlans.json").write_text(json.dumps(plans, indent=1))
+    lower_batch_size(pp)
     return {"root": root, "dataset": ds, "raw": raw}
 
 

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import HIPPOCAMPUS, nnunet_env, run_cli
+from conftest import HIPPOCAMPUS, lower_batch_size, nnunet_env, run_cli
 
 from nnunet_ssl.errors import SSLInputError
 from nnunet_ssl.quality import corruptions as qc
@@ -279,6 +279,7 @@ def test_train_quality_cli_hippocampus(tmp_path):
     env = nnunet_env(tmp_path, training=False)
     run_cli(["nnUNetv2_plan_and_preprocess", "-d", "4", "-c", "3d_fullres", "-np", "2", "-npfp", "2"], env=env)
     run_cli(["nnUNetv2_ssl_make_splits", "-d", "4", "--num-labeled", "3"], env=env)
+    lower_batch_size(tmp_path / "preprocessed" / ds)
     proc = run_cli(["nnUNetv2_ssl_train_quality", "-d", "4", "-c", "3d_fullres", "-f", "0", "--iterations", "3",
                     "--weak-epochs", "1", "--weak-iterations-per-epoch", "2", "--val-samples", "4", "-device", "cpu"],
                    env=nnunet_env(tmp_path))

@@ -238,7 +238,7 @@ def _train_quality_train_predict(root, dataset_id: int, dataset: str, trainer: s
 
     pred = root / "pred"
     run_cli(["nnUNetv2_predict", "-i", str(predict_input), "-o", str(pred), "-d", str(dataset_id), "-c", "3d_fullres",
-             "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"], env=env)
+             "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"], env=env)
     images = sorted(predict_input.glob("*_0000.nii.gz"))
     assert images
     for img in images:
@@ -268,7 +268,7 @@ def test_train_quality_then_quality_guided_on_hippocampus(tmp_path):
     import json
     import shutil
 
-    from conftest import HIPPOCAMPUS, nnunet_env, run_cli
+    from conftest import HIPPOCAMPUS, lower_batch_size, nnunet_env, run_cli
 
     if not HIPPOCAMPUS.is_dir():
         pytest.skip("../shared/data/Dataset004_Hippocampus not found")
@@ -287,4 +287,5 @@ def test_train_quality_then_quality_guided_on_hippocampus(tmp_path):
     env = nnunet_env(tmp_path, training=False)
     run_cli(["nnUNetv2_plan_and_preprocess", "-d", "4", "-c", "3d_fullres", "-np", "2", "-npfp", "2"], env=env)
     run_cli(["nnUNetv2_ssl_make_splits", "-d", "4", "--num-labeled", "3"], env=env)
+    lower_batch_size(tmp_path / "preprocessed" / ds)
     _train_quality_train_predict(tmp_path, 4, ds, "nnUNetTrainerMeanTeacherQualityGuided", raw / "predict")

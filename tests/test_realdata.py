@@ -7,7 +7,7 @@ import json
 import shutil
 
 import pytest
-from conftest import HIPPOCAMPUS, nnunet_env, run_cli
+from conftest import HIPPOCAMPUS, lower_batch_size, nnunet_env, run_cli
 from helpers import HOST_TRAINERS, assert_trained_resumed_predicted, train_resume_predict
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata,
@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.realdata,
 
 @pytest.fixture(scope="module")
 def hippocampus(tmp_path_factory) -> dict:
-    """8 labeled and 3 unlabeled training cases, planned and preprocessed once for all trainers."""
+    """8 labeled and 3 unlabeled training cases, planned and preprocessed once for all trainers; nnU-Net's own plans
+    with the batch size lowered to 2 for CPU."""
     tmp_path = tmp_path_factory.mktemp("hippocampus")
     source = sorted(p.name[: -len("_0000.nii.gz")] for p in (HIPPOCAMPUS / "imagesTr").glob("*_0000.nii.gz"))
     labeled, unlabeled = source[:8], source[8:11]
@@ -37,6 +38,7 @@ def hippocampus(tmp_path_factory) -> dict:
     run_cli(["nnUNetv2_plan_and_preprocess", "-d", "4", "-c", "3d_fullres", "-np", "2", "-npfp", "2"], env=env)
     run_cli(["nnUNetv2_ssl_preprocess_unlabeled", "-d", "4", "-c", "3d_fullres", "-np", "2"], env=env)
     run_cli(["nnUNetv2_ssl_make_splits", "-d", "4", "--num-labeled", "3"], env=env)
+    lower_batch_size(tmp_path / "preprocessed" / ds)
     splits = json.loads((tmp_path / "preprocessed" / ds / "splits_final.json").read_text())
     assert len(splits[0]["train"]) == 3 and len(splits[0]["unlabeled"]) >= 2
     return {"root": tmp_path, "dataset": ds, "raw": raw}
