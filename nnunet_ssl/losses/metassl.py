@@ -199,6 +199,10 @@ class AdaptiveClassThreshold(nn.Module):
         return self.thresholds
 
 
+#: the four regions in the order of the statistics
+REGION_NAMES = ("uc", "us", "dc", "ds")
+
+
 class Regions(NamedTuple):
     """Boolean voxel masks (B, *spatial) of the four MetaSSL regions, UC split into foreground and background."""
 
@@ -289,17 +293,23 @@ class RegionWeights:
 
 
 def region_normalised_ce(supervised_logits: torch.Tensor, target: torch.Tensor, regions: Regions,
-                         weights: RegionWeights) -> torch.Tensor:
+                         weights: RegionWeights, voxel_weights: torch.Tensor | None = None) -> torch.Tensor:
     """``sum_r w_r * sum_{i in r} CE(p_i, t_i) / (|r| + 1)`` over UC-fg, UC-bg, US, DC, DS, in float32.
 
-    ``target`` is (B, *spatial) with class indices in [0, C) (also outside the regions, where it is unused)."""
+    ``target`` is (B, *spatial) with class indices in [0, C) (also outside the regions, where it is unused). With
+    ``voxel_weights`` omega (B, *spatial, no gradient) each region's sum is weighted:
+    ``sum_r w_r sum_{i in r} omega_i CE_i / (sum_{i in r} omega_i + 1)``; ``omega = 1`` is the plain form."""
     ce = F.cross_entropy(supervised_logits.float(), target.long(), reduction="none")
     zero = ce.new_zeros(())
     loss = ce.new_zeros(())
+    omega = None if voxel_weights is None else voxel_weights.float().detach()
     for mask, w in ((regions.uc_fg, weights.uc), (regions.uc_bg, weights.uc), (regions.us, weights.us),
                     (regions.dc, weights.dc), (regions.ds, weights.ds)):
         # where() rather than a product: a non-finite CE outside the region must not leak into the sum
-        loss = loss + w * torch.where(mask, ce, zero).sum() / (mask.sum() + 1)
+        if omega is None:
+            loss = loss + w * torch.where(mask, ce, zero).sum() / (mask.sum() + 1)
+        else:
+            loss = loss + w * torch.where(mask, omega * ce, zero).sum() / (torch.where(mask, omega, zero).sum() + 1)
     return loss
 
 
@@ -348,7 +358,8 @@ class MetaSSLLoss(nn.Module):
 
     def _branch(self, supervised_logits: torch.Tensor, reference_logits: torch.Tensor, target: torch.Tensor | None,
                 valid: torch.Tensor | None, threshold: AdaptiveClassThreshold, confidence_from: ConfidenceFrom,
-                weights: RegionWeights, update_thresholds: bool) -> tuple[torch.Tensor, dict[str, float]]:
+                weights: RegionWeights, update_thresholds: bool,
+                voxel_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         _check_logits(supervised_logits, reference_logits)
         if supervised_logits.shape[1] != self.num_classes:
             raise ValueError(f"expected {self.num_classes} channels, got {supervised_logits.shape[1]}")
@@ -361,20 +372,23 @@ class MetaSSLLoss(nn.Module):
             regions = _regions_from_probabilities(p_sup, p_ref, threshold.thresholds, confidence_from, valid)
             if target is None:
                 target = p_ref.argmax(dim=1)
-        loss = region_normalised_ce(supervised_logits, target, regions, weights)
+        loss = region_normalised_ce(supervised_logits, target, regions, weights, voxel_weights)
         with torch.no_grad():
             counts = torch.stack([regions.uc.sum(), regions.us.sum(), regions.dc.sum(), regions.ds.sum()]).double()
             n = valid.sum().double() if valid is not None else counts.new_tensor(float(regions.us.numel()))
             # one host transfer for all stats
             values = torch.cat([counts / n.clamp(min=1.0), threshold.thresholds.to(counts)]).tolist()
-        keys = ["frac_uc", "frac_us", "frac_dc", "frac_ds"] + [f"tau_{c}" for c in range(self.num_classes)]
+        keys = [f"frac_{r}" for r in REGION_NAMES] + [f"tau_{c}" for c in range(self.num_classes)]
         return loss, dict(zip(keys, values))
 
     def unlabeled(self, supervised_logits: torch.Tensor, reference_logits: torch.Tensor,
-                  update_thresholds: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
-        """Unlabeled branch: pseudo-label ``argmax`` of the (detached) reference, reference confidence."""
+                  update_thresholds: bool = True,
+                  voxel_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Unlabeled branch: pseudo-label ``argmax`` of the (detached) reference, reference confidence. Optional
+        ``voxel_weights`` (B, *spatial) weight each voxel's CE within its region (see :func:`region_normalised_ce`),
+        e.g. a pseudo-label's predicted quality."""
         return self._branch(supervised_logits, reference_logits, None, None, self.reference_thresholds,
-                            "reference", self.unlabeled_weights, update_thresholds)
+                            "reference", self.unlabeled_weights, update_thresholds, voxel_weights)
 
     def labeled(self, supervised_logits: torch.Tensor, reference_logits: torch.Tensor, target: torch.Tensor,
                 update_thresholds: bool = True) -> tuple[torch.Tensor, dict[str, float]]:

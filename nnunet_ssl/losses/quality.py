@@ -68,16 +68,6 @@ DICE_SMOOTH = 1e-6
 WEIGHT_EPS = 1e-8
 
 
-def linear_rampup(current: float, delay: float, length: float) -> float:
-    """The official ``LambdaScheduler`` shape (linear): 0 before ``delay``, then ``(current - delay) / length``
-    clipped to [0, 1]. A length of 0 gives a step at ``delay``."""
-    if current < delay:
-        return 0.0
-    if length <= 0:
-        return 1.0
-    return float(min((current - delay) / length, 1.0))
-
-
 def qar_loss(predicted_quality: torch.Tensor) -> torch.Tensor:
     """``1 - mean(q)`` over samples and foreground classes (Eq. 5; the binary code averages over samples). Every
     (sample, class) pair counts equally; float32."""
@@ -170,23 +160,3 @@ def pseudo_label_voxel_weights(labels: torch.Tensor, q: torch.Tensor, tau: float
     if per == "sample":
         return w_sample.view(-1, *([1] * (labels.dim() - 1))).expand(labels.shape).clone()
     return voxel_weights(labels, quality_weights(q, tau, temperature, "class"), w_sample)
-
-
-def weighted_region_normalised_ce(student_logits: torch.Tensor, target: torch.Tensor, regions, region_weights,
-                                  omega: torch.Tensor) -> torch.Tensor:
-    """MetaSSL's region-normalised CE with a weight per voxel: ``sum_r w_r sum_{i in r} omega_i CE_i /
-    (sum_{i in r} omega_i + 1)``. With ``omega = 1`` it is exactly
-    :func:`nnunet_ssl.losses.metassl.region_normalised_ce` (the "+1" of the official code is kept).
-
-    ``regions`` is a :class:`nnunet_ssl.losses.metassl.Regions`, ``region_weights`` a ``RegionWeights``."""
-    ce = F.cross_entropy(student_logits.float(), target.long(), reduction="none")
-    omega = omega.float().detach()
-    zero = ce.new_zeros(())
-    loss = ce.new_zeros(())
-    for mask, w in ((regions.uc_fg, region_weights.uc), (regions.uc_bg, region_weights.uc),
-                    (regions.us, region_weights.us), (regions.dc, region_weights.dc),
-                    (regions.ds, region_weights.ds)):
-        weight = torch.where(mask, omega, zero)
-        # where() rather than a product: a non-finite CE outside the region must not leak into the sum
-        loss = loss + w * torch.where(mask, omega * ce, zero).sum() / (weight.sum() + 1)
-    return loss

@@ -1,35 +1,5 @@
-"""The nnUNetTrainer subclasses users select with ``nnUNetv2_train ... -tr NAME``: hosts x losses."""
+"""The nnUNetTrainer subclasses users select with ``nnUNetv2_train ... -tr NAME``: one catalogue line each
+(:mod:`nnunet_ssl.trainers.catalogue`), composing a host (``hosts/``) with plug-ins (``plugins/``)."""
 
-from nnunet_ssl.trainers.base import nnUNetTrainerSupervised, nnUNetTrainerSupervisedReseeded
-from nnunet_ssl.trainers.cps import nnUNetTrainerCPS
-from nnunet_ssl.trainers.fixmatch import nnUNetTrainerFixMatch
-from nnunet_ssl.trainers.mean_teacher import nnUNetTrainerMeanTeacher
-from nnunet_ssl.trainers.medl import nnUNetTrainerMEDL, nnUNetTrainerMEDLNet2
-from nnunet_ssl.trainers.metassl import (
-    nnUNetTrainerCPSMetaSSL,
-    nnUNetTrainerFixMatchMetaSSL,
-    nnUNetTrainerMeanTeacherMetaSSL,
-)
-from nnunet_ssl.trainers.quality import (
-    nnUNetTrainerMeanTeacherQAR,
-    nnUNetTrainerMeanTeacherQualityGuided,
-    nnUNetTrainerMeanTeacherQualityGuidedMetaSSL,
-    nnUNetTrainerMeanTeacherQW,
-)
-
-__all__ = [
-    "nnUNetTrainerCPS",
-    "nnUNetTrainerCPSMetaSSL",
-    "nnUNetTrainerFixMatch",
-    "nnUNetTrainerFixMatchMetaSSL",
-    "nnUNetTrainerMEDL",
-    "nnUNetTrainerMEDLNet2",
-    "nnUNetTrainerMeanTeacher",
-    "nnUNetTrainerMeanTeacherMetaSSL",
-    "nnUNetTrainerMeanTeacherQAR",
-    "nnUNetTrainerMeanTeacherQW",
-    "nnUNetTrainerMeanTeacherQualityGuided",
-    "nnUNetTrainerMeanTeacherQualityGuidedMetaSSL",
-    "nnUNetTrainerSupervised",
-    "nnUNetTrainerSupervisedReseeded",
-]
+from nnunet_ssl.trainers.catalogue import *  # noqa: F403
+from nnunet_ssl.trainers.catalogue import __all__  # noqa: F401

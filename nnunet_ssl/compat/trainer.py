@@ -1,0 +1,142 @@
+"""Every private or fragile part of nnU-Net's trainer (and of torch's wrappers) that the SSL trainers rely on.
+
+Pinned range: nnunetv2 >= 2.8.0, < 2.9 (``pyproject.toml``). Each function names the nnU-Net code it depends on;
+``tests/compat/test_trainer.py`` checks each against the installed nnU-Net, so an nnU-Net release that changes one
+of them fails there, by name, instead of silently elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch import distributed as dist
+from torch import nn
+from torch._dynamo import OptimizedModule
+
+#: the keys of checkpoint_final.pth that nnU-Net's predictor reads besides the weights
+#: (nnunetv2/inference/predict_from_raw_data.py, nnUNetPredictor.initialize_from_trained_model_folder)
+INFERENCE_KEYS = ("init_args", "trainer_name", "inference_allowed_mirroring_axes", "current_epoch")
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The plain module behind DDP (``.module``) and torch.compile (``OptimizedModule._orig_mod``, a private
+    attribute of torch that nnU-Net's own ``save_checkpoint`` also reads)."""
+    if isinstance(network, nn.parallel.DistributedDataParallel):
+        network = network.module
+    if isinstance(network, OptimizedModule):
+        network = network._orig_mod
+    return network
+
+
+def log_history(trainer: nnUNetTrainer) -> dict[str, list]:
+    """The per-epoch lists nnU-Net logs, plots and checkpoints (``MetaLogger.local_logger.my_fantastic_logging``,
+    nnunetv2/training/logging/nnunet_logger.py). Its ``log()`` accepts only keys that already exist there."""
+    return trainer.logger.local_logger.my_fantastic_logging
+
+
+def ensure_log_keys(trainer: nnUNetTrainer, keys: list[str]) -> None:
+    """Registers extra per-epoch log keys (also after loading a checkpoint of an older version that lacks some)."""
+    history = log_history(trainer)
+    for key in keys:
+        history.setdefault(key, [])
+
+
+def should_compile(trainer: nnUNetTrainer) -> bool:
+    """nnU-Net's own decision whether to torch.compile the network (``nnUNetTrainer._do_i_compile``: CUDA only,
+    ``nnUNet_compile``), so that second networks are compiled exactly when the student is."""
+    return bool(trainer._do_i_compile())
+
+
+@contextlib.contextmanager
+def network_swapped(trainer: nnUNetTrainer, network: nn.Module) -> Iterator[None]:
+    """Temporarily makes ``network`` the trainer's ``self.network``, for nnU-Net methods that read only that
+    attribute: ``configure_optimizers`` (a second network's optimizer and LR schedule) and ``validation_step``
+    (the reference model's validation pseudo-Dice)."""
+    original = trainer.network
+    trainer.network = network
+    try:
+        yield
+    finally:
+        trainer.network = original
+
+
+def gloo_on_cpu(trainer: nnUNetTrainer, device: torch.device) -> bool:
+    """True when DDP runs over gloo with a CPU device (used to test the DDP path without GPUs); nnU-Net's DDP path
+    assumes CUDA and NCCL."""
+    return bool(trainer.is_ddp and device.type != "cuda" and dist.is_initialized() and dist.get_backend() == "gloo")
+
+
+def keep_cpu_device(trainer: nnUNetTrainer, device: torch.device) -> None:
+    """Under DDP, ``nnUNetTrainer.__init__`` replaces the device by ``cuda:<local_rank>`` and makes a CUDA
+    GradScaler; with gloo on CPU keep the CPU device and no scaler."""
+    trainer.device = device
+    trainer.grad_scaler = None
+
+
+def wrap_for_ddp(trainer: nnUNetTrainer, network: nn.Module) -> nn.Module:
+    """SyncBatchNorm and DDP as ``nnUNetTrainer.initialize`` wraps the student; ``device_ids`` only on CUDA (DDP
+    refuses them for CPU modules)."""
+    network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
+    device_ids = [trainer.local_rank] if trainer.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(network, device_ids=device_ids)
+
+
+def initialize_on_cpu_ddp(trainer: nnUNetTrainer, initialize: Callable[[], None]) -> None:
+    """``nnUNetTrainer.initialize`` for DDP over gloo on CPU, without patching nnU-Net's module.
+
+    nnU-Net wraps the network with ``DDP(network, device_ids=[local_rank])``, which only CUDA modules accept. So the
+    wrap is skipped by running ``initialize`` with ``is_ddp`` off, then the two things it derives from ``is_ddp``
+    are redone as under DDP: the per-rank batch size and oversampling (``_set_batch_size_and_oversample``) and the
+    loss, whose batch Dice gathers over ranks (``_build_loss``: ``'ddp': self.is_ddp``); finally the network is
+    wrapped as nnU-Net would, without ``device_ids``."""
+    trainer.is_ddp = False
+    try:
+        initialize()
+    finally:
+        trainer.is_ddp = True
+    trainer._set_batch_size_and_oversample()
+    trainer.loss = trainer._build_loss()
+    trainer.network = wrap_for_ddp(trainer, trainer.network)
+
+
+def set_deep_supervision(network: nn.Module, enabled: bool) -> None:
+    """What ``nnUNetTrainer.set_deep_supervision_enabled`` does to its own network (``decoder.deep_supervision`` of
+    dynamic_network_architectures' U-Nets), for a second network."""
+    unwrap(network).decoder.deep_supervision = enabled
+
+
+def add_to_checkpoint(filename: str, entries: dict) -> None:
+    """Adds ``entries`` to a checkpoint that ``nnUNetTrainer.save_checkpoint`` has just written (a dict saved with
+    ``torch.save``), atomically: a crash leaves the old or the new file, never half of one."""
+    checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+    checkpoint.update(entries)
+    tmp = filename + ".tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, filename)
+
+
+def write_inference_checkpoint(final_checkpoint: str, filename: str, weights: dict[str, torch.Tensor],
+                               **overrides: object) -> None:
+    """Writes ``filename`` with ``weights`` and the keys of ``final_checkpoint`` that ``nnUNetv2_predict -chk`` reads
+    (:data:`INFERENCE_KEYS`); ``overrides`` replace any of them (e.g. the ``trainer_name`` whose
+    ``build_network_architecture`` builds these weights' network). Atomic like :func:`add_to_checkpoint`."""
+    final = torch.load(final_checkpoint, map_location="cpu", weights_only=False)
+    checkpoint = {k: final[k] for k in INFERENCE_KEYS}
+    checkpoint["network_weights"] = {k: v.detach().cpu() for k, v in weights.items()}
+    checkpoint.update(overrides)
+    tmp = filename + ".tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, filename)
+
+
+def stop_augmenter(augmenter: object) -> None:
+    """Stops the worker processes of a batchgenerators augmenter (``_finish``, private in batchgenerators, as
+    nnU-Net's own ``on_train_end`` calls it); single-threaded augmenters have none."""
+    if isinstance(augmenter, (NonDetMultiThreadedAugmenter, MultiThreadedAugmenter)):
+        augmenter._finish()

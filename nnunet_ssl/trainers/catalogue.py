@@ -1,0 +1,45 @@
+"""Every trainer that ``nnUNetv2_train -tr NAME`` accepts, one line each: name = plug-ins + host.
+
+Hosts (``trainers/hosts/``) decide where the reference prediction comes from; plug-ins (``trainers/plugins/``)
+decide how each voxel of the two predictions is used. A catalogue line only composes them: its docstring is the line
+that ``nnUNetv2_ssl_trainers`` prints, the method's paper, equations and deviations are on the host or plug-in.
+"""
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_ssl.trainers.baselines import Reseeded, SupervisedBaseline
+from nnunet_ssl.trainers.hosts.cps import CrossPseudoSupervision as CPS
+from nnunet_ssl.trainers.hosts.fixmatch import FixMatch
+from nnunet_ssl.trainers.hosts.mean_teacher import MeanTeacher
+from nnunet_ssl.trainers.hosts.two_networks import SecondNetworkForInference, TwoNetworks
+from nnunet_ssl.trainers.plugins.evidential import MutualEvidential
+from nnunet_ssl.trainers.plugins.metassl import MetaSSL
+from nnunet_ssl.trainers.plugins.quality import QAR, QW, QualityGuided
+
+
+# baselines
+class nnUNetTrainerSupervised(SupervisedBaseline): """nnU-Net's trainer, with the schedule and seed overrides."""
+class nnUNetTrainerSupervisedReseeded(Reseeded, SupervisedBaseline): """The baseline, seed + 1000: training noise."""
+
+# hosts with their own loss
+class nnUNetTrainerMeanTeacher(MeanTeacher): """EMA teacher, softmax-MSE consistency on two aligned views."""
+class nnUNetTrainerFixMatch(FixMatch): """Confident weak-view pseudo-labels supervise a strong, CutMixed view."""
+class nnUNetTrainerCPS(CPS): """Cross Pseudo Supervision: two nnU-Nets learn from each other's argmax."""
+
+# MetaSSL's heterogeneous loss on each host
+class nnUNetTrainerMeanTeacherMetaSSL(MetaSSL, MeanTeacher): """MetaSSL's UC/US/DC/DS loss, EMA teacher."""
+class nnUNetTrainerFixMatchMetaSSL(MetaSSL, FixMatch): """MetaSSL's UC/US/DC/DS loss, weak/strong views."""
+class nnUNetTrainerCPSMetaSSL(MetaSSL, CPS): """MetaSSL's UC/US/DC/DS loss, both CPS directions."""
+
+# QG-SSL's quality guidance (train the predictor first: nnUNetv2_ssl_train_quality)
+class nnUNetTrainerMeanTeacherQAR(QAR, MeanTeacher): """Mean Teacher plus QG-SSL's quality-aware regulariser."""
+class nnUNetTrainerMeanTeacherQW(QW, MeanTeacher): """QG-SSL's quality-weighted teacher pseudo-labels (PL-QW)."""
+class nnUNetTrainerMeanTeacherQualityGuided(QualityGuided, MeanTeacher): """QAR and PL-QW, each with its ramp."""
+class nnUNetTrainerMeanTeacherQualityGuidedMetaSSL(QualityGuided, MetaSSL, MeanTeacher): """MetaSSL x quality."""
+
+# evidence from two networks of different architectures
+class nnUNetTrainerMEDL(MutualEvidential, TwoNetworks): """Mutual evidential learning, PlainConv + ResEnc U-Net."""
+class nnUNetTrainerMEDLNet2(SecondNetworkForInference, nnUNetTrainerMEDL): """Predicts with MEDL's network 2."""
+
+__all__ = sorted(name for name, obj in list(globals().items())
+                 if isinstance(obj, type) and issubclass(obj, nnUNetTrainer) and obj.__module__ == __name__)

@@ -1,0 +1,55 @@
+"""One training step's shared data: built by ``nnUNetTrainerSSL.train_step`` and passed to every hook."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SSLStep:
+    """What the hooks of one step read and write, instead of attributes left on the trainer.
+
+    ``train_step`` fills the inputs; the host's ``student_input`` sets ``student_image`` (and ``mix`` if it mixes);
+    two-network hosts set ``direction`` before each loss call; plug-ins add loss terms. The total is
+    ``L = L_sup + sum(constant_losses) + lambda(t) L_unsup + sum(scheduled_losses)``, summed in that order.
+    """
+
+    #: labeled images (B, C, *spatial) and nnU-Net's targets (a list per deep-supervision scale, or one tensor)
+    data: torch.Tensor
+    target: torch.Tensor | list[torch.Tensor]
+    #: aligned unlabeled views ``view0``, ``view1``, ... of the same patches
+    views: dict[str, torch.Tensor]
+    #: lambda(t) of this step
+    lam: float
+    #: the unlabeled images the student sees with gradient (after any mixing)
+    student_image: torch.Tensor | None = None
+    #: CutMix boxes (U, *spatial) applied to ``student_image``; the reference is mixed with the same boxes
+    mix: torch.Tensor | None = None
+    #: which (student, reference) pair a loss call evaluates: 0 or 1 on two-network hosts, else 0
+    direction: int = 0
+    #: already weighted float32 terms with a constant weight, beside L_sup (MEDL's L_u and L_wl)
+    constant_losses: list[torch.Tensor] = field(default_factory=list)
+    #: already weighted float32 terms with a schedule of their own, outside lambda(t) (QG-SSL's QAR)
+    scheduled_losses: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def unlabeled_batch_size(self) -> int:
+        return next(iter(self.views.values())).shape[0]
+
+    def add_constant_loss(self, weighted: torch.Tensor) -> None:
+        self.constant_losses.append(weighted)
+
+    def add_scheduled_loss(self, weighted: torch.Tensor) -> None:
+        self.scheduled_losses.append(weighted)
+
+    def total(self, sup_loss: torch.Tensor, unsup_loss: torch.Tensor) -> torch.Tensor:
+        """``L_sup + sum(constant) + lambda L_unsup + sum(scheduled)`` in float32 (call outside autocast)."""
+        loss = sup_loss.float()
+        for term in self.constant_losses:
+            loss = loss + term
+        loss = loss + self.lam * unsup_loss
+        for term in self.scheduled_losses:
+            loss = loss + term
+        return loss
