@@ -71,7 +71,8 @@ def prepare_dataset(root: Path) -> None:
     subprocess.run([str(bin_dir / "nnUNetv2_plan_and_preprocess"), "-d", "991", "-c", "3d_fullres", "-np", "2",
                     "-npfp", "2"], env=env, check=True, capture_output=True)
     pp = root / "preprocessed" / "Dataset991_SSLSynthetic"
-    ids = sorted(p.name[:-5] for p in (pp / "nnUNetPlans_3d_fullres").glob("*.b2nd") if not p.name.endswith("_seg.b2nd"))
+    ids = sorted(p.name[:-5] for p in (pp / "nnUNetPlans_3d_fullres").glob("*.b2nd")
+                 if not p.name.endswith("_seg.b2nd"))
     (pp / "splits_final.json").write_text(json.dumps([{"train": ids[:2], "val": ids[2:4], "unlabeled": ids[4:]}]))
     # an untrained quality predictor where the quality-guided trainers look for one
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager

@@ -119,3 +119,12 @@ def assert_trained_resumed_predicted(result: dict, images: Path, trainer: str, f
             assert np.allclose(pred.GetSpacing(), ref.GetSpacing()) and np.allclose(pred.GetOrigin(), ref.GetOrigin())
 
 # MEDL writes network 2 as checkpoint_final_net2.pth, like CPS
+
+
+def budget_split(ds: dict) -> tuple[list[str], list[str], list[str]]:
+    """A label budget on the synthetic dataset: 2 labeled, 2 validation, the rest unlabeled."""
+    pp = ds["root"] / "preprocessed" / ds["dataset"]
+    ids = case_ids(pp)
+    labeled, val, unlabeled = ids[:2], ids[2:4], ids[4:]
+    write_budget_splits(pp, labeled, val, unlabeled)
+    return labeled, val, unlabeled

@@ -37,7 +37,7 @@ def run_rank(rank: int, world: int, root: str, dataset: str, port: int, out_dir:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         from nnunet_ssl import trainers
-        from nnunet_ssl.trainers.base import unwrap
+        from nnunet_ssl.compat.trainer import unwrap
 
         pp = Path(root) / "preprocessed" / dataset
         plans = load_json(str(pp / "nnUNetPlans.json"))

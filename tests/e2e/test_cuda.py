@@ -14,8 +14,9 @@ from helpers import case_ids, make_trainer, save_untrained_quality_predictor, wr
 from torch._dynamo import OptimizedModule
 
 import nnunet_ssl.trainers as trainers
-from nnunet_ssl.trainers import medl
-from nnunet_ssl.trainers.base import nnUNetTrainerSSL, unwrap
+from nnunet_ssl.compat.trainer import unwrap
+from nnunet_ssl.losses import medl
+from nnunet_ssl.trainers.base import nnUNetTrainerSSL
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -59,8 +60,8 @@ def test_amp_training_validation_and_resume_on_cuda(name, copy_planned, monkeypa
     seen = {"student_dtypes": set(), "unsup_dtypes": set(), "autocast_in_unsup": set()}
     forward_losses = trainer.forward_losses
 
-    def recording_forward_losses(data, target, views):
-        sup, unsup, stats = forward_losses(data, target, views)
+    def recording_forward_losses(step):
+        sup, unsup, stats = forward_losses(step)
         seen["unsup_dtypes"].add(unsup.dtype)
         return sup, unsup, stats
 

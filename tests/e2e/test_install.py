@@ -38,5 +38,5 @@ def test_non_editable_install_is_found_by_nnunet(tmp_path):
     lines = proc.stdout.strip().splitlines()[-4:]
     assert lines[0].startswith(str(site)), lines
     assert lines[1].startswith(str(site)) and os.path.isfile(os.path.join(lines[1], "nnunet_ssl_trainers.py"))
-    assert lines[2] == "nnunet_ssl.trainers.mean_teacher"
+    assert lines[2] == "nnunet_ssl.trainers.catalogue"
     assert "nnUNetTrainerMeanTeacher" in lines[3]

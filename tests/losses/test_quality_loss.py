@@ -11,18 +11,6 @@ from nnunet_ssl.losses import quality as qg
 from nnunet_ssl.losses.metassl import RegionWeights, assign_regions, region_normalised_ce
 
 
-def test_linear_rampup_matches_the_official_scheduler_shape():
-    assert qg.linear_rampup(0, 10, 20) == 0.0
-    assert qg.linear_rampup(9.9, 10, 20) == 0.0
-    assert qg.linear_rampup(10, 10, 20) == 0.0
-    assert qg.linear_rampup(20, 10, 20) == pytest.approx(0.5)
-    assert qg.linear_rampup(30, 10, 20) == 1.0 and qg.linear_rampup(1000, 10, 20) == 1.0
-    assert qg.linear_rampup(4, 5, 0) == 0.0 and qg.linear_rampup(5, 5, 0) == 1.0
-    # official defaults: QAR 30 + 40 of 200 epochs, PL-QW 15 + 30 of 200 epochs
-    assert (qg.QAR_DELAY_FRACTION, qg.QAR_RAMPUP_FRACTION, qg.QAR_WEIGHT) == (0.15, 0.2, 0.01)
-    assert (qg.QW_DELAY_FRACTION, qg.QW_RAMPUP_FRACTION, qg.QW_WEIGHT) == (0.075, 0.15, 0.25)
-
-
 def test_qar_loss_is_one_minus_mean_quality():
     q = torch.tensor([[0.2, 0.4], [0.6, 0.8]], dtype=torch.float16)
     loss = qg.qar_loss(q)
@@ -167,27 +155,44 @@ def test_gradient_flows_through_frozen_predictor_into_logits_only(tmp_path):
         assert torch.equal(v, before[k]), k
 
 
-def test_weighted_region_ce_reduces_to_metassl_and_by_hand():
+def test_region_ce_with_voxel_weights_reduces_to_metassl_and_by_hand():
     torch.manual_seed(4)
     sup, ref = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
     regions = assign_regions(sup, ref, torch.tensor([0.5, 0.5, 0.5]))
     weights = RegionWeights(uc=50.0, us=40.0, dc=0.2, ds=6.4)
     target = ref.argmax(1)
     ones = torch.ones(2, 4, 5)
-    assert qg.weighted_region_normalised_ce(sup, target, regions, weights, ones).item() == \
+    assert region_normalised_ce(sup, target, regions, weights, ones).item() == \
         pytest.approx(region_normalised_ce(sup, target, regions, weights).item(), rel=1e-6)
     omega = torch.rand(2, 4, 5)
     ce = torch.nn.functional.cross_entropy(sup, target, reduction="none")
     expected = sum(w * (omega * ce)[m].sum() / (omega[m].sum() + 1)
                    for m, w in ((regions.uc_fg, 50.0), (regions.uc_bg, 50.0), (regions.us, 40.0),
                                 (regions.dc, 0.2), (regions.ds, 6.4)))
-    assert qg.weighted_region_normalised_ce(sup, target, regions, weights, omega).item() == \
+    assert region_normalised_ce(sup, target, regions, weights, omega).item() == \
         pytest.approx(float(expected), rel=1e-5)
     # a sample with weight 0 gets no gradient
     sup.requires_grad_(True)
     omega[1] = 0
-    (grad,) = torch.autograd.grad(qg.weighted_region_normalised_ce(sup, target, regions, weights, omega), sup)
+    (grad,) = torch.autograd.grad(region_normalised_ce(sup, target, regions, weights, omega), sup)
     assert torch.all(grad[1] == 0) and grad[0].abs().sum() > 0
+
+
+def test_metassl_unlabeled_branch_with_voxel_weights():
+    from nnunet_ssl.losses.metassl import MetaSSLLoss
+
+    torch.manual_seed(5)
+    sup, ref = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    plain, ones, weighted = MetaSSLLoss(3), MetaSSLLoss(3), MetaSSLLoss(3)
+    loss, stats = plain.unlabeled(sup, ref)
+    loss_ones, stats_ones = ones.unlabeled(sup, ref, voxel_weights=torch.ones(2, 4, 5))
+    assert loss_ones.item() == pytest.approx(loss.item(), rel=1e-6) and stats_ones == stats
+    omega = torch.rand(2, 4, 5)
+    loss_w, _ = weighted.unlabeled(sup, ref, voxel_weights=omega)
+    # same thresholds and regions as the plain call, then the weighted form by hand
+    regions = assign_regions(sup, ref, weighted.reference_thresholds)
+    expected = region_normalised_ce(sup, ref.argmax(1), regions, weighted.unlabeled_weights, omega)
+    assert loss_w.item() == pytest.approx(expected.item(), rel=1e-6) and loss_w.item() != pytest.approx(loss.item())
 
 
 def test_half_precision_and_shape_errors():

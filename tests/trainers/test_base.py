@@ -8,20 +8,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import case_ids, make_trainer, write_budget_splits
+from helpers import budget_split, case_ids, make_trainer, write_budget_splits
 
+from nnunet_ssl.compat.trainer import unwrap
 from nnunet_ssl.errors import SSLInputError
+from nnunet_ssl.parts.ramps import sigmoid_rampup
 from nnunet_ssl.trainers import nnUNetTrainerMeanTeacher
-from nnunet_ssl.trainers.base import unwrap
-from nnunet_ssl.utils.schedules import sigmoid_rampup
-
-
-def _budget(ds: dict) -> tuple[list[str], list[str], list[str]]:
-    pp = ds["root"] / "preprocessed" / ds["dataset"]
-    ids = case_ids(pp)
-    labeled, val, unlabeled = ids[:2], ids[2:4], ids[4:]
-    write_budget_splits(pp, labeled, val, unlabeled)
-    return labeled, val, unlabeled
 
 
 def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -29,7 +21,7 @@ def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_mean_teacher_ema_lambda_and_checkpoint_roundtrip(copy_planned, monkeypatch, tmp_path):
-    _budget(copy_planned)
+    budget_split(copy_planned)
     trainer = make_trainer(nnUNetTrainerMeanTeacher, copy_planned["root"], copy_planned["dataset"], monkeypatch,
                            epochs=3, iterations=4)
     trainer.on_train_start()
@@ -89,7 +81,7 @@ def _first_step(ds, monkeypatch):
 
 
 def test_labels_of_unlabeled_cases_are_never_read(copy_planned, monkeypatch, tmp_path):
-    _, _, unlabeled = _budget(copy_planned)
+    _, _, unlabeled = budget_split(copy_planned)
     loss_a, weights_a = _first_step(copy_planned, monkeypatch)
 
     garbage = copy.copy(copy_planned)
@@ -122,7 +114,7 @@ def test_refuses_to_start_without_unlabeled_data(copy_planned, monkeypatch):
 
 def test_refuses_unlabeled_ids_that_are_training_cases(copy_planned, monkeypatch):
     pp = copy_planned["root"] / "preprocessed" / copy_planned["dataset"]
-    labeled, _, _ = _budget(copy_planned)
+    labeled, _, _ = budget_split(copy_planned)
     # a preprocessed "unlabeled" case that carries a labeled case's id
     unl = pp / "nnUNetPlans_3d_fullres_unlabeled"
     unl.mkdir()
@@ -134,7 +126,7 @@ def test_refuses_unlabeled_ids_that_are_training_cases(copy_planned, monkeypatch
 
 
 def test_bad_schedule_variable_is_one_clear_error(copy_planned, monkeypatch):
-    from nnunet_ssl.trainers.base import nnUNetTrainerSupervised
+    from nnunet_ssl.trainers import nnUNetTrainerSupervised
 
     with pytest.raises(SSLInputError, match="nnUNet_ssl_epochs='ten' must be an integer"):
         make_trainer(nnUNetTrainerSupervised, copy_planned["root"], copy_planned["dataset"], monkeypatch,
@@ -144,7 +136,7 @@ def test_bad_schedule_variable_is_one_clear_error(copy_planned, monkeypatch):
 def test_pretrained_weights_also_initialise_the_teacher(copy_planned, monkeypatch, tmp_path):
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 
-    _budget(copy_planned)
+    budget_split(copy_planned)
     trainer = make_trainer(nnUNetTrainerMeanTeacher, copy_planned["root"], copy_planned["dataset"], monkeypatch)
     trainer.initialize()  # what nnUNetv2_train -pretrained_weights does before loading
     pretrained = {k: v + 0.5 if v.is_floating_point() else v for k, v in unwrap(trainer.network).state_dict().items()}
@@ -163,7 +155,7 @@ def test_pretrained_weights_also_initialise_the_teacher(copy_planned, monkeypatc
 def test_unlabeled_loader_in_background_workers_shuts_down(copy_planned, monkeypatch):
     from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 
-    _budget(copy_planned)
+    budget_split(copy_planned)
     trainer = make_trainer(nnUNetTrainerMeanTeacher, copy_planned["root"], copy_planned["dataset"], monkeypatch)
     monkeypatch.setenv("nnUNet_n_proc_DA", "2")  # honoured like nnU-Net's own loaders
     trainer.on_train_start()

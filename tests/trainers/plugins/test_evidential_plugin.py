@@ -15,13 +15,13 @@ import SimpleITK as sitk
 import torch
 from conftest import HIPPOCAMPUS, lower_batch_size, nnunet_env, run_cli
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
-from helpers import case_ids, make_trainer, write_budget_splits
+from helpers import budget_split, make_trainer, write_budget_splits
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from nnunet_ssl.compat.trainer import unwrap
 from nnunet_ssl.errors import SSLInputError
 from nnunet_ssl.trainers import nnUNetTrainerMEDL, nnUNetTrainerMEDLNet2
-from nnunet_ssl.trainers.base import unwrap
-from nnunet_ssl.trainers.medl import RESENC_BLOCKS_PER_STAGE, build_second_network, second_architecture
+from nnunet_ssl.trainers.hosts.architectures import RESENC_BLOCKS_PER_STAGE, build_other_unet, other_unet_architecture
 
 
 def _plans(ds: dict) -> dict:
@@ -31,7 +31,7 @@ def _plans(ds: dict) -> dict:
 def test_second_network_is_the_other_unet_with_the_same_pooling(synthetic_planned):
     plans = _plans(synthetic_planned)
     cm = PlansManager(plans).get_configuration("3d_fullres")
-    name, kwargs = second_architecture(cm)
+    name, kwargs = other_unet_architecture(cm)
     assert name.endswith("ResidualEncoderUNet")
     n = cm.network_arch_init_kwargs["n_stages"]
     assert kwargs["n_blocks_per_stage"] == list(RESENC_BLOCKS_PER_STAGE[:n])
@@ -50,17 +50,11 @@ def test_second_network_is_the_other_unet_with_the_same_pooling(synthetic_planne
     arch = resenc["configurations"]["3d_fullres"]["architecture"]
     arch["network_class_name"], arch["arch_kwargs"] = name, kwargs
     cm_resenc = PlansManager(resenc).get_configuration("3d_fullres")
-    assert second_architecture(cm_resenc)[0].endswith("PlainConvUNet")
-    assert type(build_second_network(PlansManager(resenc), cm_resenc, 1, 3, False)) is PlainConvUNet
+    assert other_unet_architecture(cm_resenc)[0].endswith("PlainConvUNet")
+    assert type(build_other_unet(PlansManager(resenc), cm_resenc, 1, 3, False)) is PlainConvUNet
     arch["network_class_name"] = "my.own.Net"
     with pytest.raises(SSLInputError, match="PlainConvUNet and ResidualEncoderUNet"):
-        second_architecture(PlansManager(resenc).get_configuration("3d_fullres"))
-
-
-def _budget(ds: dict) -> None:
-    pp = ds["root"] / "preprocessed" / ds["dataset"]
-    ids = case_ids(pp)
-    write_budget_splits(pp, ids[:2], ids[2:4], ids[4:])
+        other_unet_architecture(PlansManager(resenc).get_configuration("3d_fullres"))
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -68,7 +62,7 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_medl_trains_both_networks_and_checkpoints_them(copy_planned, monkeypatch, tmp_path):
-    _budget(copy_planned)
+    budget_split(copy_planned)
     trainer = make_trainer(nnUNetTrainerMEDL, copy_planned["root"], copy_planned["dataset"], monkeypatch,
                            epochs=2, iterations=2)
     trainer.on_train_start()
@@ -79,19 +73,23 @@ def test_medl_trains_both_networks_and_checkpoints_them(copy_planned, monkeypatc
         before1, before2 = _state(unwrap(trainer.network)), _state(unwrap(trainer.network2))
         trainer.on_train_epoch_start()
         trainer.train_step(next(trainer.dataloader_train))
-        trainer.train_step(next(trainer.dataloader_train))
+        out = trainer.train_step(next(trainer.dataloader_train))
         for before, net in ((before1, trainer.network), (before2, trainer.network2)):
             after = unwrap(net).state_dict()
             assert any(not torch.equal(before[k], after[k]) for k in before)
         stats = trainer._epoch_stats[-1]
-        for key in ("ssl_medl_labeled", "ssl_medl_pseudo", "ssl_medl_weighted_ce", "ssl_medl_fisher",
+        for key in ("ssl_sup_loss", "ssl_medl_pseudo", "ssl_medl_weighted_ce", "ssl_medl_fisher",
                     "ssl_medl_reliability", "ssl_medl_uncertainty", "ssl_medl_agreement", "ssl_confidence"):
             assert math.isfinite(stats[key]), key
         assert 0 < stats["ssl_medl_reliability"] <= 1 and 0 < stats["ssl_medl_uncertainty"] < 1
-        # the unramped part (L_l + L_u + L_wl) is logged as the supervised loss, L_I (FIE) is ramped by lambda
-        assert stats["ssl_sup_loss"] == pytest.approx(stats["ssl_medl_labeled"] + stats["ssl_medl_pseudo"]
-                                                      + stats["ssl_medl_weighted_ce"], rel=1e-4)
+        # L = L_l + L_u + L_wl + lambda L_I: the supervised loss is nnU-Net's Dice + CE (L_l) alone, L_u and L_wl
+        # have weight 1 and their own log keys, L_I (FIE) is ramped by lambda
+        assert float(out["loss"]) == pytest.approx(stats["ssl_sup_loss"] + stats["ssl_medl_pseudo"]
+                                                   + stats["ssl_medl_weighted_ce"]
+                                                   + stats["ssl_lambda"] * stats["ssl_medl_fisher"], rel=1e-5)
         assert stats["ssl_unsup_loss"] == pytest.approx(stats["ssl_medl_fisher"], rel=1e-5)
+        panels = dict(trainer.ssl_plot_panels())
+        assert panels["MEDL losses (both networks)"]["L_l (Dice+CE)"] == "ssl_sup_loss"
         assert trainer.training_progress() == pytest.approx(2 / 4)
         assert trainer.rampup_fraction == 1.0 and trainer.medl_curriculum_direction == "easy_to_hard"
 
@@ -235,7 +233,7 @@ def test_medl_end_to_end_predict_and_uncertainty(copy_planned, tmp_path):
     """Train (4 steps), resume (4 more), predict both networks with nnUNetv2_predict, and
     nnUNetv2_ssl_predict_uncertainty on clean and corrupted (voxel-shuffled) test images."""
     root, ds = copy_planned["root"], copy_planned["dataset"]
-    _budget(copy_planned)
+    budget_split(copy_planned)
     fold = _train_in_process(root, ds, 4, 4, tmp_path)
     env = nnunet_env(root, training=False)
     images = root / "raw" / ds / "imagesTs"

@@ -8,19 +8,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import case_ids, make_trainer, save_untrained_quality_predictor, write_budget_splits
+from helpers import budget_split, make_trainer, save_untrained_quality_predictor
 
+from nnunet_ssl.compat.trainer import unwrap
 from nnunet_ssl.errors import SSLInputError
 from nnunet_ssl.losses.metassl import MetaSSLLoss
+from nnunet_ssl.parts.ramps import sigmoid_rampup
 from nnunet_ssl.trainers import (
     nnUNetTrainerMeanTeacherQAR,
     nnUNetTrainerMeanTeacherQualityGuided,
     nnUNetTrainerMeanTeacherQualityGuidedMetaSSL,
     nnUNetTrainerMeanTeacherQW,
 )
-from nnunet_ssl.trainers.base import unwrap
-from nnunet_ssl.trainers.quality import ENV_QUALITY_CHECKPOINT, file_sha256
-from nnunet_ssl.utils.schedules import sigmoid_rampup
+from nnunet_ssl.trainers.plugins.quality import ENV_QUALITY_CHECKPOINT, file_sha256
+from nnunet_ssl.trainers.step import SSLStep
 
 
 class _AllActive(nnUNetTrainerMeanTeacherQualityGuided):
@@ -29,12 +30,6 @@ class _AllActive(nnUNetTrainerMeanTeacherQualityGuided):
     qar_delay_fraction = qar_rampup_fraction = 0.0
     qw_delay_fraction = qw_rampup_fraction = 0.0
     qw_threshold = 0.0
-
-
-def _budget(ds: dict) -> None:
-    pp = ds["root"] / "preprocessed" / ds["dataset"]
-    ids = case_ids(pp)
-    write_budget_splits(pp, ids[:2], ids[2:4], ids[4:])
 
 
 def _save_untrained_predictor(trainer, seed: int = 0) -> Path:
@@ -47,7 +42,7 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_refuses_to_start_without_a_predictor(copy_planned, monkeypatch, tmp_path):
-    _budget(copy_planned)
+    budget_split(copy_planned)
     monkeypatch.delenv(ENV_QUALITY_CHECKPOINT, raising=False)
     trainer = make_trainer(nnUNetTrainerMeanTeacherQW, copy_planned["root"], copy_planned["dataset"], monkeypatch)
     with pytest.raises(SSLInputError) as info:
@@ -67,7 +62,7 @@ def test_refuses_to_start_without_a_predictor(copy_planned, monkeypatch, tmp_pat
 
 def test_steps_gradient_through_frozen_predictor_and_checkpoint_roundtrip(copy_planned, monkeypatch, tmp_path,
                                                                             capsys):
-    _budget(copy_planned)
+    budget_split(copy_planned)
     monkeypatch.delenv(ENV_QUALITY_CHECKPOINT, raising=False)
     trainer = make_trainer(_AllActive, copy_planned["root"], copy_planned["dataset"], monkeypatch, epochs=2,
                            iterations=2)
@@ -85,15 +80,15 @@ def test_steps_gradient_through_frozen_predictor_and_checkpoint_roundtrip(copy_p
 
         # QAR reaches the student's weights through the frozen predictor
         captured = []
-        original = trainer.add_extra_loss
+        original = SSLStep.add_scheduled_loss
 
-        def capture(term):
+        def capture(step, term):
             probe = student.encoder.stages[0][0].convs[0].conv.weight
             (grad,) = torch.autograd.grad(term, probe, retain_graph=True)
             captured.append((float(term.detach()), float(grad.abs().sum())))
-            original(term)
+            original(step, term)
 
-        monkeypatch.setattr(trainer, "add_extra_loss", capture)
+        monkeypatch.setattr(SSLStep, "add_scheduled_loss", capture)
         trainer.on_train_epoch_start()
         for _ in range(2):
             trainer.train_step(next(trainer.dataloader_train))
@@ -135,7 +130,7 @@ def test_steps_gradient_through_frozen_predictor_and_checkpoint_roundtrip(copy_p
 
 
 def test_schedules_of_each_trainer(copy_planned, monkeypatch):
-    _budget(copy_planned)
+    budget_split(copy_planned)
     roots = (copy_planned["root"], copy_planned["dataset"])
     qar = make_trainer(nnUNetTrainerMeanTeacherQAR, *roots, monkeypatch, epochs=10, iterations=10)
     qw = make_trainer(nnUNetTrainerMeanTeacherQW, *roots, monkeypatch, epochs=10, iterations=10)
@@ -154,33 +149,39 @@ def test_schedules_of_each_trainer(copy_planned, monkeypatch):
 
 
 def test_metassl_combination_with_unit_weights_is_metassl(copy_planned, monkeypatch):
-    _budget(copy_planned)
+    budget_split(copy_planned)
     monkeypatch.delenv(ENV_QUALITY_CHECKPOINT, raising=False)
     trainer = make_trainer(nnUNetTrainerMeanTeacherQualityGuidedMetaSSL, copy_planned["root"],
                            copy_planned["dataset"], monkeypatch)
     _save_untrained_predictor(trainer)
     trainer.initialize()
     torch.manual_seed(0)
-    student, reference = torch.randn(2, 3, 4, 6, 6), torch.randn(2, 3, 4, 6, 6)
-    labels = reference.argmax(1)
+    shape = (2, 3, *trainer.configuration_manager.patch_size)
+    student, reference = torch.randn(shape), torch.randn(shape)
+    image = torch.randn(2, 1, *shape[2:])
+    step = SSLStep(data=torch.zeros(0), target=torch.zeros(0), views={"view0": image, "view1": image}, lam=0.1,
+                   student_image=image)
     plain: MetaSSLLoss = copy.deepcopy(trainer.metassl_losses[0])
     expected, expected_stats = plain.unlabeled(student, reference)
     trainer.qw_threshold, trainer.qw_temperature = 0.0, 0.0  # every voxel weight 1
-    loss, stats = trainer.quality_weighted_loss(student, reference, labels, torch.rand(2, 2))
+    loss, stats = trainer.unsupervised_loss(student, reference, step)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert {f"u_{k}": v for k, v in expected_stats.items()} == pytest.approx(stats)
-    # a sample whose pseudo-label is predicted bad drops out
+    assert {f"u_{k}": v for k, v in expected_stats.items()} == pytest.approx({k: v for k, v in stats.items()
+                                                                              if k.startswith("u_")})
+    # a sample whose pseudo-label is predicted bad drops out of MetaSSL's loss
     trainer.qw_threshold, trainer.qw_temperature = 0.5, 2.0
+    trainer.quality_predictor = lambda image, mask: torch.tensor([[0.9, 0.8], [0.1, 0.2]])
     student.requires_grad_(True)
-    loss, _ = trainer.quality_weighted_loss(student, reference, labels, torch.tensor([[0.9, 0.8], [0.1, 0.2]]))
+    loss, stats = trainer.unsupervised_loss(student, reference, step)
     (grad,) = torch.autograd.grad(loss, student)
     assert torch.all(grad[1] == 0) and grad[0].abs().sum() > 0
+    assert stats["quality_kept"] == 0.5 and not step.scheduled_losses  # QAR is still in its delay
 
 
 @pytest.mark.parametrize("cls", [nnUNetTrainerMeanTeacherQAR, nnUNetTrainerMeanTeacherQW,
                                  nnUNetTrainerMeanTeacherQualityGuidedMetaSSL])
 def test_one_step_of_each_trainer_logs_quality(cls, copy_planned, monkeypatch):
-    _budget(copy_planned)
+    budget_split(copy_planned)
     monkeypatch.delenv(ENV_QUALITY_CHECKPOINT, raising=False)
     trainer = make_trainer(cls, copy_planned["root"], copy_planned["dataset"], monkeypatch, epochs=1, iterations=1)
     _save_untrained_predictor(trainer)

@@ -1,0 +1,112 @@
+"""Each function of nnunet_ssl.compat.trainer against the installed nnU-Net and torch.
+
+The CPU/gloo DDP functions (``gloo_on_cpu``, ``keep_cpu_device``, ``initialize_on_cpu_ddp``, ``wrap_for_ddp``) need
+two processes: ``tests/e2e/test_ddp.py`` runs them through a real two-rank training. ``stop_augmenter`` is checked
+with real worker processes in ``tests/trainers/test_base.py``."""
+
+from __future__ import annotations
+
+import torch
+from helpers import make_trainer
+from nnunetv2.training.logging.nnunet_logger import MetaLogger
+from torch import nn
+
+from nnunet_ssl.compat.trainer import (
+    INFERENCE_KEYS,
+    add_to_checkpoint,
+    ensure_log_keys,
+    log_history,
+    network_swapped,
+    set_deep_supervision,
+    should_compile,
+    unwrap,
+    write_inference_checkpoint,
+)
+from nnunet_ssl.trainers import nnUNetTrainerSupervised
+from nnunet_ssl.trainers.base import full_resolution, split_batch
+
+
+def test_unwrap_and_batch_helpers():
+    net = nn.Linear(2, 2)
+    assert unwrap(torch.compile(net)) is net  # compile is lazy: no compilation happens here
+    assert unwrap(net) is net
+    outputs = [torch.arange(6.0).reshape(3, 2), torch.arange(3.0).reshape(3, 1)]
+    head, tail = split_batch(outputs, 2)
+    assert [t.shape[0] for t in head] == [2, 2] and [t.shape[0] for t in tail] == [1, 1]
+    assert full_resolution(outputs) is outputs[0] and full_resolution(outputs[1]) is outputs[1]
+
+
+def test_extra_log_keys_are_logged_plotted_and_checkpointed_by_nnunets_logger(tmp_path):
+    class Holder:
+        logger = MetaLogger(str(tmp_path), False)
+
+    holder = Holder()
+    ensure_log_keys(holder, ["ssl_x"])
+    holder.logger.log("ssl_x", 0.5, 0)  # nnU-Net's logger refuses keys it does not know
+    assert log_history(holder)["ssl_x"] == [0.5]
+    assert holder.logger.get_checkpoint()["ssl_x"] == [0.5]
+    ensure_log_keys(holder, ["ssl_x"])  # idempotent: keeps the values
+    assert log_history(holder)["ssl_x"] == [0.5]
+
+
+def test_trainer_internals(copy_planned, monkeypatch, tmp_path):
+    trainer = make_trainer(nnUNetTrainerSupervised, copy_planned["root"], copy_planned["dataset"], monkeypatch)
+    trainer.initialize()
+    assert should_compile(trainer) is False  # nnU-Net never compiles on CPU
+
+    # configure_optimizers reads only self.network: a swap gives an optimizer over the other network
+    other = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager,
+                                               trainer.num_input_channels,
+                                               trainer.label_manager.num_segmentation_heads, True)
+    student = trainer.network
+    with network_swapped(trainer, other):
+        optimizer, _ = trainer.configure_optimizers()
+    assert trainer.network is student
+    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert params == {id(p) for p in other.parameters()}
+
+    x = torch.zeros(1, 1, *trainer.configuration_manager.patch_size)
+    assert isinstance(other(x), (list, tuple))
+    set_deep_supervision(other, False)
+    assert isinstance(other(x), torch.Tensor)
+
+    # a checkpoint written by nnU-Net, extended atomically, still loads with nnU-Net's load_checkpoint
+    final = tmp_path / "checkpoint_final.pth"
+    trainer.save_checkpoint(str(final))
+    add_to_checkpoint(str(final), {"ssl_state": {"ssl_step": 7}})
+    saved = torch.load(final, map_location="cpu", weights_only=False)
+    assert saved["ssl_state"] == {"ssl_step": 7} and not (tmp_path / "checkpoint_final.pth.tmp").exists()
+    trainer.load_checkpoint(str(final))
+
+    # an extra inference checkpoint has exactly what nnU-Net's predictor reads
+    weights = {k: v + 1 if v.is_floating_point() else v for k, v in other.state_dict().items()}
+    extra = tmp_path / "checkpoint_final_other.pth"
+    write_inference_checkpoint(str(final), str(extra), weights, trainer_name="nnUNetTrainerSupervised")
+    checkpoint = torch.load(extra, map_location="cpu", weights_only=False)
+    assert set(checkpoint) == {*INFERENCE_KEYS, "network_weights"}
+    assert all(torch.equal(checkpoint["network_weights"][k], v) for k, v in weights.items())
+    assert checkpoint["init_args"] == saved["init_args"]
+
+
+def test_predictor_loads_an_inference_checkpoint(copy_planned, monkeypatch, tmp_path):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_ssl.cli.trainers import ext_trainer_path
+
+    trainer = make_trainer(nnUNetTrainerSupervised, copy_planned["root"], copy_planned["dataset"], monkeypatch)
+    trainer.initialize()
+    folder = tmp_path / "model"
+    (folder / "fold_0").mkdir(parents=True)
+    for name in ("plans.json", "dataset.json"):
+        src = copy_planned["root"] / "preprocessed" / copy_planned["dataset"] / (
+            "nnUNetPlans.json" if name == "plans.json" else name)
+        (folder / name).write_text(src.read_text())
+    trainer.save_checkpoint(str(folder / "fold_0" / "checkpoint_final.pth"))
+    weights = {k: v * 0 + 0.25 if v.is_floating_point() else v for k, v in unwrap(trainer.network).state_dict().items()}
+    write_inference_checkpoint(str(folder / "fold_0" / "checkpoint_final.pth"),
+                               str(folder / "fold_0" / "checkpoint_final_extra.pth"), weights)
+    predictor = nnUNetPredictor(device=torch.device("cpu"), use_mirroring=False)
+    monkeypatch.setenv("nnUNet_extTrainer", ext_trainer_path())  # the predictor finds the trainer class by name
+    predictor.initialize_from_trained_model_folder(str(folder), (0,), "checkpoint_final_extra.pth")
+    loaded = predictor.list_of_parameters[0]
+    assert all(torch.equal(loaded[k], v) for k, v in weights.items())
