@@ -57,6 +57,7 @@ def run_rank(rank: int, world: int, root: str, dataset: str, port: int, out_dir:
             "is_ddp": trainer.is_ddp,
             "ddp_wrapped": isinstance(trainer.network, torch.nn.parallel.DistributedDataParallel),
             "batch_size": trainer.batch_size,
+            "loss_ddp": trainer.loss.loss.dc.ddp,  # the batch Dice gathers over ranks, as nnU-Net's DDP loss
             "unlabeled_batch_size": trainer.unlabeled_batch_size_per_rank,
             "reference": {k: v.cpu() for k, v in unwrap(trainer.reference_network()).state_dict().items()},
             "student": {k: v.cpu() for k, v in unwrap(trainer.network).state_dict().items()},

@@ -33,7 +33,7 @@ def test_ssl_trainer_under_ddp_with_two_gloo_ranks(trainer, copy_planned, tmp_pa
     for r in (r0, r1):
         assert r["is_ddp"] and r["ddp_wrapped"]
         # the plans' batch of 2 is split over the two ranks, and so is the unlabeled batch
-        assert r["batch_size"] == 1 and r["unlabeled_batch_size"] == 1
+        assert r["batch_size"] == 1 and r["unlabeled_batch_size"] == 1 and r["loss_ddp"]
         assert r["ssl_step"] == 6
     # identical students (DDP) and identical reference models on both ranks: the EMA of identical students, or
     # CPS's second network (its own DDP wrapper)

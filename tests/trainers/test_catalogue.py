@@ -1,0 +1,79 @@
+"""The catalogue: every -tr name composes plug-ins and a host in one line, and nnU-Net finds each by name."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+
+from nnunet_ssl import trainers
+from nnunet_ssl.cli.trainers import available_trainers
+from nnunet_ssl.trainers import catalogue
+from nnunet_ssl.trainers.base import nnUNetTrainerSSL
+from nnunet_ssl.trainers.hosts.cps import CrossPseudoSupervision
+from nnunet_ssl.trainers.hosts.fixmatch import FixMatch
+from nnunet_ssl.trainers.hosts.mean_teacher import MeanTeacher
+from nnunet_ssl.trainers.hosts.two_networks import TwoNetworks
+from nnunet_ssl.trainers.plugins.evidential import MutualEvidential
+from nnunet_ssl.trainers.plugins.metassl import MetaSSL
+from nnunet_ssl.trainers.plugins.quality import QualityGuidance
+
+HOSTS = (MeanTeacher, FixMatch, CrossPseudoSupervision, TwoNetworks)
+PLUGINS = (MetaSSL, QualityGuidance, MutualEvidential)
+
+
+def test_every_catalogue_line_is_one_line_with_an_empty_body():
+    source = Path(catalogue.__file__).read_text().splitlines()
+    for name in catalogue.__all__:
+        cls = getattr(catalogue, name)
+        lines, _ = inspect.getsourcelines(cls)
+        assert len(lines) == 1, name
+        assert sum(line.startswith(f"class {name}(") for line in source) == 1, name
+        # a catalogue line composes; it defines nothing of its own
+        assert set(vars(cls)) <= {"__module__", "__qualname__", "__doc__", "__firstlineno__", "__static_attributes__"}
+        assert cls.__doc__ and len(cls.__doc__) <= 80, name
+
+
+def test_names_read_host_then_plugins():
+    expected = {"MeanTeacher": MeanTeacher, "FixMatch": FixMatch, "CPS": CrossPseudoSupervision}
+    plugin_names = {"MetaSSL": MetaSSL, "QAR": QualityGuidance, "QW": QualityGuidance,
+                    "QualityGuided": QualityGuidance}
+    for name in trainers.__all__:
+        cls = getattr(trainers, name)
+        if not issubclass(cls, nnUNetTrainerSSL):
+            continue
+        rest = name.removeprefix("nnUNetTrainer")
+        host = next((h for h in expected if rest.startswith(h)), None)
+        if host is None:  # a method named by its paper: MEDL on two networks of different architectures
+            assert rest.startswith("MEDL") and issubclass(cls, (TwoNetworks, MutualEvidential))
+            assert cls.second_network == "other_unet"
+            continue
+        assert issubclass(cls, expected[host]), name
+        for plugin, base in plugin_names.items():
+            if plugin in rest.removeprefix(host):
+                assert issubclass(cls, base), (name, plugin)
+        # plug-ins come before the host in the bases, so they override its hooks
+        mro = cls.__mro__
+        for base in PLUGINS:
+            if issubclass(cls, base):
+                assert mro.index(base) < mro.index(expected[host]), name
+
+
+def test_all_is_derived_from_the_catalogue_and_listed_by_the_command():
+    classes = {n for n, v in vars(catalogue).items() if inspect.isclass(v) and v.__module__ == catalogue.__name__}
+    assert set(catalogue.__all__) == classes == set(trainers.__all__)
+    assert len(classes) == 14
+    listed = available_trainers()
+    assert set(listed) == classes
+    assert listed["nnUNetTrainerCPS"] == catalogue.nnUNetTrainerCPS.__doc__
+
+
+@pytest.mark.parametrize("name", ["nnUNetTrainerMeanTeacher", "nnUNetTrainerMEDLNet2", "nnUNetTrainerSupervised"])
+def test_nnunet_finds_catalogue_trainers_by_name(name, monkeypatch):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnunet_ssl.cli.trainers import ext_trainer_path
+
+    monkeypatch.setenv("nnUNet_extTrainer", ext_trainer_path())
+    assert recursive_find_trainer_class_by_name(name) is getattr(trainers, name)
