@@ -1,4 +1,5 @@
-"""``nnUNetv2_ssl_preprocess_unlabeled``: preprocess ``imagesUnlabeled`` with a dataset's existing plans.
+"""Preprocessing of ``imagesUnlabeled`` with a dataset's existing plans (``nnUNetv2_ssl_preprocess_unlabeled``, whose
+command line is :mod:`nnunet_ssl.cli.preprocess_unlabeled`).
 
 Each unlabeled case goes through the configuration's own preprocessor exactly as nnU-Net's inference does
 (``run_case`` without a segmentation), so its data is byte-identical to what nnU-Net's preprocessing would make of
@@ -14,7 +15,6 @@ to the cases, because nnU-Net's ``infer_dataset_class`` asserts a single file en
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import multiprocessing
@@ -29,7 +29,7 @@ from typing import Any
 
 from nnunet_ssl.data import datasets
 from nnunet_ssl.data.layout import RAW_UNLABELED_SUBFOLDER, unlabeled_preprocessed_folder
-from nnunet_ssl.errors import SSLInputError, exit_code_of
+from nnunet_ssl.errors import SSLInputError
 
 #: bookkeeping subfolder of each ``_unlabeled`` folder
 META_SUBFOLDER = ".nnunet_ssl"
@@ -392,32 +392,3 @@ def preprocess_unlabeled(
         more = f" ({len(unique) - 1} more case(s) failed too)" if len(unique) > 1 else ""
         raise SSLInputError(unique[0] + more)
     return summary
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# command line
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="nnUNetv2_ssl_preprocess_unlabeled",
-        description="Preprocess nnUNet_raw/<Dataset>/imagesUnlabeled with the dataset's existing nnU-Net plans into "
-        "nnUNet_preprocessed/<Dataset>/<data_identifier>_unlabeled/. Re-runs only process new or changed cases.",
-    )
-    p.add_argument("-d", required=True, metavar="DATASET", help="dataset id or name, e.g. 4 or Dataset004_Hippocampus")
-    p.add_argument("-c", nargs="+", required=True, metavar="CONFIG",
-                   help="configuration(s) to preprocess for, e.g. 3d_fullres 2d")
-    p.add_argument("-p", default="nnUNetPlans", metavar="PLANS", help="plans identifier (default: nnUNetPlans)")
-    p.add_argument("-np", type=int, default=None, dest="num_processes", metavar="N",
-                   help="worker processes (default: nnU-Net's default_num_processes, at most one per case)")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    return exit_code_of(
-        lambda: preprocess_unlabeled(args.d, args.c, plans_identifier=args.p, num_processes=args.num_processes))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

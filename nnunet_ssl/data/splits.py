@@ -1,4 +1,5 @@
-"""``nnUNetv2_ssl_make_splits``: simulate a label budget on a fully labeled dataset.
+"""Label-budget splits: simulate a label budget on a fully labeled dataset (``nnUNetv2_ssl_make_splits``, whose command
+line is :mod:`nnunet_ssl.cli.make_splits`).
 
 Each fold of ``splits_final.json`` keeps N labeled training cases and moves the others to the key ``unlabeled``
 (their labels must not be used); ``val`` is unchanged. nnU-Net's ``do_split`` reads only ``splits[fold]['train']``
@@ -12,11 +13,9 @@ cumulatively and the same (budget, seed) always gives the same split.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 import tempfile
 from collections.abc import Sequence
 
@@ -24,7 +23,7 @@ import numpy as np
 
 from nnunet_ssl.data import datasets
 from nnunet_ssl.data.layout import SPLITS_UNLABELED_KEY
-from nnunet_ssl.errors import SSLInputError, exit_code_of
+from nnunet_ssl.errors import SSLInputError
 
 SPLITS_FILE = datasets.SPLITS_FILE
 ORIGINAL_SPLITS_FILE = "splits_final.original.json"
@@ -206,36 +205,3 @@ def print_table(splits: Sequence[dict]) -> None:
     print(f"{'fold':>4}  {'labeled':>8}  {'unlabeled':>9}  {'val':>5}")
     for i, fold in enumerate(splits):
         print(f"{i:>4}  {len(fold['train']):>8}  {len(fold.get(SPLITS_UNLABELED_KEY, [])):>9}  {len(fold['val']):>5}")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="nnUNetv2_ssl_make_splits",
-        description="Keep N labeled training cases per fold of splits_final.json and mark the rest 'unlabeled', to "
-        "simulate a label budget. The original splits are backed up to splits_final.original.json.",
-    )
-    p.add_argument("-d", required=True, metavar="DATASET", help="dataset id or name, e.g. 4 or Dataset004_Hippocampus")
-    p.add_argument("--num-labeled", type=int, default=None, metavar="N", help="labeled training cases per fold")
-    p.add_argument("--fraction", type=float, default=None, metavar="F",
-                   help="fraction of each fold's training cases kept labeled, in (0, 1]")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random choice of labeled cases (default 0)")
-    p.add_argument("--restore", action="store_true", help="write the original splits back and exit")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-
-    def command() -> None:
-        if args.restore:
-            if args.num_labeled is not None or args.fraction is not None:
-                raise SSLInputError("--restore takes no budget; drop --num-labeled/--fraction")
-            restore_original_splits(args.d)
-        else:
-            make_label_budget_splits(args.d, num_labeled=args.num_labeled, fraction=args.fraction, seed=args.seed)
-
-    return exit_code_of(command)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,25 +1,23 @@
-"""``nnUNetv2_ssl_cpu_plans``: a CPU-sized plans variant that reuses the dataset's preprocessed data.
+"""A CPU-sized plans variant that reuses the dataset's preprocessed data (``nnUNetv2_ssl_cpu_plans``).
 
 nnU-Net's plans size the network and batch for a GPU; on a 2-core CPU one iteration of Hippocampus' own plans
 takes about 10 s. This writes ``nnUNet_preprocessed/<Dataset>/<name>.json`` (default ``nnUNetPlans_CPU``), a copy
 of the source plans where every non-cascade configuration gets a smaller batch and narrower features per stage.
 The number of stages, strides, kernels and patch size are unchanged, and each configuration keeps the source's
 ``data_identifier``, so nnU-Net reads the data it already preprocessed (the way nnU-Net's own plans variants
-share data). Train with ``-p nnUNetPlans_CPU``.
+share data). Train with ``-p nnUNetPlans_CPU``. The command line is :mod:`nnunet_ssl.cli.cpu_plans`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import tempfile
 from collections.abc import Sequence
 from copy import deepcopy
 
 from nnunet_ssl.data import datasets
-from nnunet_ssl.errors import SSLInputError, exit_code_of
+from nnunet_ssl.errors import SSLInputError
 
 DEFAULT_NAME = "nnUNetPlans_CPU"
 DEFAULT_BATCH = 2
@@ -94,30 +92,3 @@ def write_cpu_plans(dataset: str | int, source_plans: str = "nnUNetPlans", name:
                   f"{config['architecture']['arch_kwargs']['features_per_stage']}, data {config['data_identifier']}")
     print(f"train with: nnUNetv2_train {dataset_name} CONFIGURATION FOLD -p {name} -tr TRAINER")
     return path
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="nnUNetv2_ssl_cpu_plans",
-        description="Write a CPU-sized plans variant (smaller batch, narrower features, same data) of a planned "
-        "dataset, e.g. batch 2 and features 16-32-64-128 for Hippocampus.")
-    p.add_argument("-d", required=True, metavar="DATASET", help="dataset id or name")
-    p.add_argument("-p", default="nnUNetPlans", metavar="PLANS", help="source plans identifier (default nnUNetPlans)")
-    p.add_argument("--name", default=DEFAULT_NAME, help=f"identifier of the new plans (default {DEFAULT_NAME})")
-    p.add_argument("-c", nargs="+", default=None, metavar="CONFIGURATION",
-                   help="configurations to shrink (default: every non-cascade configuration)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"default {DEFAULT_BATCH}")
-    p.add_argument("--base-features", type=int, default=16, help="features of the first stage (default 16)")
-    p.add_argument("--max-features", type=int, default=128, help="cap on features per stage (default 128)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing plans file with other settings")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
-    return exit_code_of(lambda: write_cpu_plans(a.d, a.p, a.name, a.batch_size, a.base_features, a.max_features,
-                                                a.c, a.overwrite))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

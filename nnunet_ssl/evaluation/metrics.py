@@ -1,8 +1,9 @@
-"""Segmentation metrics in millimetres: Dice, IoU, HD95, ASD and NSD per case and class.
+"""Segmentation metrics in millimetres: Dice, IoU, HD95, ASD and NSD per case and class, on arrays.
 
-``evaluate_folders`` compares a folder of reference label images with a folder of predicted label images (matched
-by file name, read with nnU-Net's reader/writer classes so the spacing comes from the image header) and writes
-``per_case.csv`` and ``summary.json``. ``compute_case_metrics`` is the pure core on arrays.
+``compute_case_metrics`` is the pure core on arrays and ``summarise`` the statistics of per-case rows.
+``metrics_folders.evaluate_folders`` applies them to a folder of reference label images and a folder of predicted
+label images (matched by file name, read with nnU-Net's reader/writer classes so the spacing comes from the image
+header) and writes ``per_case.csv`` and ``summary.json`` (``metrics_files``).
 
 Definitions (R: reference mask of one class, P: predicted mask, ∂X: boundary voxels of X, d(x, Y): Euclidean
 distance in mm from voxel centre x to the nearest voxel centre of Y, voxel coordinates scaled by the spacing)
@@ -51,22 +52,12 @@ image is evaluated in 2D.
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from nnunet_ssl.errors import SSLInputError
-
-PER_CASE_FILE = "per_case.csv"
-SUMMARY_FILE = "summary.json"
 #: keys of ``compute_case_metrics``' per-class dicts, in column order (unit-free; columns add the unit)
 METRIC_KEYS = ("dice", "iou", "hd95", "asd", "nsd")
 STAT_KEYS = ("mean", "std", "median", "n", "n_nan")
@@ -74,17 +65,9 @@ EMPTY_CONVENTION = (
     "both reference and prediction empty: Dice = IoU = NSD = 1, HD95 = ASD = 0; exactly one empty: "
     "Dice = IoU = NSD = 0, HD95 = ASD = NaN (excluded from means, counted in n_nan)"
 )
-_BOTH_EMPTY = {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "asd": 0.0, "nsd": 1.0}
-_ONE_EMPTY = {"dice": 0.0, "iou": 0.0, "hd95": math.nan, "asd": math.nan, "nsd": 0.0}
-_SPACING_RTOL = 1e-3
-
-
-@dataclass
-class EvaluationResult:
-    """``rows``: the rows of per_case.csv (numeric values as float); ``summary``: the content of summary.json."""
-
-    rows: list[dict] = field(default_factory=list)
-    summary: dict = field(default_factory=dict)
+#: metric values when both masks are empty, and when exactly one is
+BOTH_EMPTY = {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "asd": 0.0, "nsd": 1.0}
+ONE_EMPTY = {"dice": 0.0, "iou": 0.0, "hd95": math.nan, "asd": math.nan, "nsd": 0.0}
 
 
 def unit_name(voxel_units: bool) -> str:
@@ -169,10 +152,10 @@ def compute_case_metrics(
         p = prediction == label
         n_r, n_p = int(r.sum()), int(p.sum())
         if n_r == 0 and n_p == 0:
-            out[int(label)] = dict(_BOTH_EMPTY)
+            out[int(label)] = dict(BOTH_EMPTY)
             continue
         if n_r == 0 or n_p == 0:
-            out[int(label)] = dict(_ONE_EMPTY)
+            out[int(label)] = dict(ONE_EMPTY)
             continue
         tp = int(np.logical_and(r, p).sum())
         hd95, asd, nsd = _surface_metrics(r, p, spacing, nsd_tolerance_mm)
@@ -182,134 +165,7 @@ def compute_case_metrics(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# folders
-
-
-def _label_set(seg: np.ndarray) -> set[int]:
-    if seg.size == 0:
-        return set()
-    if np.issubdtype(seg.dtype, np.integer) and seg.min() >= 0 and seg.max() < 65536:
-        return {int(i) for i in np.flatnonzero(np.bincount(seg.ravel()))}
-    values = np.unique(seg)
-    if not np.all(values == np.round(values)):
-        raise ValueError("not an integer label map")
-    return {int(v) for v in values}
-
-
-def _supported_endings() -> list[str]:
-    from nnunetv2.imageio.reader_writer_registry import LIST_OF_IO_CLASSES
-
-    endings = {e.lower() for rw in LIST_OF_IO_CLASSES for e in rw.supported_file_endings}
-    return sorted(endings, key=len, reverse=True)
-
-
-def _infer_file_ending(folder: Path) -> str:
-    endings = _supported_endings()
-    found: dict[str, int] = {}
-    for f in os.listdir(folder):
-        if not os.path.isfile(folder / f):
-            continue
-        for e in endings:
-            if f.lower().endswith(e) and len(f) > len(e):
-                found[e] = found.get(e, 0) + 1
-                break
-    if not found:
-        raise SSLInputError(f"no label images in {folder} (looked for {', '.join(sorted(endings))}): "
-                            "pass the folder holding the reference segmentations")
-    if len(found) > 1:
-        raise SSLInputError(f"{folder} mixes label files with endings {', '.join(sorted(found))}: pass "
-                            "--dataset-json with the dataset's file_ending or keep one kind of file")
-    return next(iter(found))
-
-
-def _cases_in(folder: Path, file_ending: str) -> dict[str, str]:
-    fe = file_ending.lower()
-    return {f[: -len(fe)]: f for f in sorted(os.listdir(folder))
-            if f.lower().endswith(fe) and len(f) > len(fe) and os.path.isfile(folder / f)}
-
-
-def _classes_from_dataset_json(dj: dict, path: Path) -> tuple[dict[int, str], int | None]:
-    labels = dj.get("labels")
-    if not isinstance(labels, dict) or not labels:
-        raise SSLInputError(f"{path} has no 'labels' dict: pass the dataset.json of the nnU-Net dataset")
-    classes: dict[int, str] = {}
-    ignore = None
-    for name, value in labels.items():
-        if isinstance(value, (list, tuple)):
-            raise SSLInputError(f"{path} is region-based (label '{name}': {value}), which this evaluation does not "
-                                "support: use nnUNetv2_evaluate_folder for region-based datasets")
-        if name == "ignore":
-            ignore = int(value)
-            continue
-        if int(value) == 0:
-            continue
-        classes[int(value)] = str(name)
-    if not classes:
-        raise SSLInputError(f"{path} defines no foreground label: pass the dataset.json of the nnU-Net dataset")
-    return dict(sorted(classes.items())), ignore
-
-
-def _reader_class(dataset_json: dict | None, file_ending: str, example_file: str):
-    from nnunetv2.imageio.reader_writer_registry import (
-        determine_reader_writer_from_dataset_json,
-        determine_reader_writer_from_file_ending,
-    )
-
-    try:
-        if dataset_json is not None:
-            return determine_reader_writer_from_dataset_json(dataset_json, example_file, verbose=False)
-        return determine_reader_writer_from_file_ending(file_ending, example_file, verbose=False)
-    except RuntimeError as e:
-        raise SSLInputError(f"nnU-Net cannot read {example_file} ({e}): convert the labels to an nnU-Net readable "
-                            "format such as .nii.gz") from None
-
-
-def _read_label(reader, path: str) -> tuple[np.ndarray, list[float]]:
-    try:
-        seg, props = reader.read_seg(path)
-    except Exception as e:  # any reader failure means a bad input file
-        raise SSLInputError(f"cannot read {path} ({type(e).__name__}: {e}): replace the damaged file") from None
-    seg = np.asarray(seg)
-    if seg.ndim >= 1 and seg.shape[0] == 1:
-        seg = seg[0]
-    return seg, [float(s) for s in props["spacing"]]
-
-
-def _evaluate_case(task: tuple) -> dict:
-    """Worker: reads one reference/prediction pair and computes the metrics of the labels present in either
-    (``labels=None``) or of the given labels. Input errors come back as ``{"error": message}``: an SSLInputError
-    (a SystemExit) raised inside a pool worker would kill the worker and hang the pool."""
-    try:
-        return _evaluate_case_unsafe(task)
-    except SSLInputError as e:
-        return {"error": e.message}
-
-
-def _evaluate_case_unsafe(task: tuple) -> dict:
-    case, ref_path, pred_path, reader_cls, labels, tolerance, voxel_units, ignore_label = task
-    reader = reader_cls()
-    ref, sp_ref = _read_label(reader, ref_path)
-    pred, sp_pred = _read_label(reader, pred_path)
-    if ref.shape != pred.shape:
-        raise SSLInputError(f"case {case}: reference shape {ref.shape} differs from prediction shape {pred.shape}: "
-                            "predictions must be in the geometry of the reference (nnUNetv2_predict writes them so)")
-    if len(sp_ref) != len(sp_pred) or not np.allclose(sp_ref, sp_pred, rtol=_SPACING_RTOL, atol=0):
-        raise SSLInputError(f"case {case}: reference spacing {tuple(sp_ref)} differs from prediction spacing "
-                            f"{tuple(sp_pred)}: predictions must be in the geometry of the reference")
-    try:
-        ref_labels = _label_set(ref)
-        pred_labels = _label_set(pred)
-    except ValueError:
-        raise SSLInputError(f"case {case}: reference or prediction is not an integer label map: pass segmentations, "
-                            "not probabilities or images") from None
-    if ignore_label is not None and ignore_label in ref_labels:
-        raise SSLInputError(f"case {case}: the reference contains the ignore label {ignore_label}; partially "
-                            "annotated references are not supported, evaluate on fully annotated references")
-    todo = sorted((ref_labels | pred_labels) - {0}) if labels is None else list(labels)
-    spacing = [1.0] * ref.ndim if voxel_units else sp_ref
-    metrics = compute_case_metrics(ref, pred, spacing, todo, nsd_tolerance_mm=tolerance)
-    return {"case": case, "metrics": metrics, "ref_labels": sorted(ref_labels - {0}),
-            "pred_labels": sorted(pred_labels - {0})}
+# statistics
 
 
 def _stats(values: Sequence[float]) -> dict:
@@ -346,209 +202,3 @@ def summarise(rows: Sequence[dict], columns: dict[str, str]) -> dict:
             per_case_means.append(float(vals.mean()) if vals.size else math.nan)
         fg[col] = _stats(per_case_means)
     return {"per_class": per_class, "foreground_mean": fg}
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _format_value(v) -> str:
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else repr(v)
-    return str(v)
-
-
-def write_per_case_csv(path: Path | str, rows: Sequence[dict], columns: Sequence[str]) -> None:
-    import io
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(columns)
-    for r in rows:
-        w.writerow([_format_value(r[c]) for c in columns])
-    _atomic_write_text(Path(path), buf.getvalue())
-
-
-def read_per_case_csv(path: Path | str) -> list[dict]:
-    """Rows of a per_case.csv: ``case`` and ``class_name`` as str, ``class_id`` as int, metrics as float (NaN
-    for ``nan``)."""
-    with open(path, newline="") as f:
-        rows = []
-        for r in csv.DictReader(f):
-            row: dict = {}
-            for k, v in r.items():
-                if k in ("case", "class_name"):
-                    row[k] = v
-                elif k == "class_id":
-                    row[k] = int(v)
-                else:
-                    row[k] = float(v)
-            rows.append(row)
-    return rows
-
-
-def _json_safe(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def evaluate_folders(
-    reference_folder: Path | str,
-    prediction_folder: Path | str,
-    output_folder: Path | str | None = None,
-    *,
-    dataset_json: Path | str | None = None,
-    nsd_tolerance_mm: float = 1.0,
-    voxel_units: bool = False,
-    case_ids: list[str] | None = None,
-    num_processes: int = 1,
-) -> EvaluationResult:
-    """Evaluates every reference case (or ``case_ids``) against the prediction of the same file name.
-
-    Classes: the foreground labels of ``dataset_json`` (with their names) if given, else the union of the labels
-    found in the references, named ``label_<i>``. Prediction files without a reference are ignored (their count is
-    in the summary). When ``output_folder`` is given, writes ``per_case.csv`` and ``summary.json`` there
-    atomically. Raises ``SSLInputError`` (one line) for empty folders, missing predictions, unknown ``case_ids``
-    and mismatching shapes or spacings.
-    """
-    from tqdm import tqdm
-
-    ref_dir = Path(reference_folder).resolve()
-    pred_dir = Path(prediction_folder).resolve()
-    for name, d in (("reference", ref_dir), ("prediction", pred_dir)):
-        if not d.is_dir():
-            raise SSLInputError(f"{name} folder {d} does not exist: pass an existing folder of label images")
-    if not (np.isfinite(nsd_tolerance_mm) and nsd_tolerance_mm >= 0):
-        raise SSLInputError(f"--nsd-tolerance must be a finite number >= 0, got {nsd_tolerance_mm}")
-    if int(num_processes) < 1:
-        raise SSLInputError(f"-np must be at least 1, got {num_processes}")
-
-    dj = None
-    classes: dict[int, str] | None = None
-    ignore_label = None
-    if dataset_json is not None:
-        dj_path = Path(dataset_json)
-        try:
-            dj = json.loads(dj_path.read_text())
-        except (OSError, ValueError) as e:
-            raise SSLInputError(f"cannot read dataset.json {dj_path} ({e}): pass the dataset's dataset.json") from None
-        if "file_ending" not in dj:
-            raise SSLInputError(f"{dj_path} has no 'file_ending': pass the dataset.json of the nnU-Net dataset")
-        classes, ignore_label = _classes_from_dataset_json(dj, dj_path)
-        file_ending = str(dj["file_ending"])
-    else:
-        file_ending = _infer_file_ending(ref_dir)
-
-    refs = _cases_in(ref_dir, file_ending)
-    preds = _cases_in(pred_dir, file_ending)
-    if not refs:
-        raise SSLInputError(f"no {file_ending} files in reference folder {ref_dir}: pass the folder holding the "
-                            "reference segmentations")
-    if not preds:
-        raise SSLInputError(f"no {file_ending} files in prediction folder {pred_dir}: pass the folder holding the "
-                            "predicted segmentations")
-    if case_ids is not None:
-        wanted = list(dict.fromkeys(str(c) for c in case_ids))
-        if not wanted:
-            raise SSLInputError("the list of case ids is empty: pass at least one case id or none at all")
-        unknown = [c for c in wanted if c not in refs]
-        if unknown:
-            raise SSLInputError(f"{len(unknown)} requested case(s) have no reference {file_ending} file in {ref_dir} "
-                                f"(first: {', '.join(unknown[:5])}): check the case ids")
-        cases = wanted
-    else:
-        cases = sorted(refs)
-    missing = [c for c in cases if c not in preds]
-    if missing:
-        raise SSLInputError(f"{len(missing)} of {len(cases)} reference cases have no prediction in {pred_dir} "
-                            f"(first: {', '.join(missing[:5])}): predict them (same file names, {file_ending}) or "
-                            "restrict the evaluation to the predicted cases")
-    extra = sorted(set(preds) - set(refs))
-
-    reader_cls = _reader_class(dj, file_ending, str(ref_dir / refs[cases[0]]))
-    unit = unit_name(voxel_units)
-    labels = list(classes) if classes is not None else None
-    tasks = [(c, str(ref_dir / refs[c]), str(pred_dir / preds[c]), reader_cls, labels, float(nsd_tolerance_mm),
-              bool(voxel_units), ignore_label) for c in cases]
-
-    bar = dict(total=len(tasks), desc="evaluating", unit="case")
-    if int(num_processes) == 1:
-        # the context manager ends the bar's line before an input error is printed
-        with tqdm(tasks, **bar) as progress:
-            results = [_evaluate_case_unsafe(t) for t in progress]
-    else:
-        import multiprocessing
-
-        # spawn like nnU-Net: no fork of a process that may hold torch threads
-        with multiprocessing.get_context("spawn").Pool(min(int(num_processes), len(tasks))) as pool:
-            results = []
-            with tqdm(pool.imap(_evaluate_case, tasks), **bar) as progress:
-                for res in progress:
-                    if "error" in res:
-                        pool.terminate()
-                        raise SSLInputError(res["error"])
-                    results.append(res)
-
-    ref_union = sorted({lab for res in results for lab in res["ref_labels"]})
-    if classes is None:
-        classes = {lab: f"label_{lab}" for lab in ref_union}
-    pred_only = sorted({lab for res in results for lab in res["pred_labels"]} - set(classes))
-    not_in_classes = sorted(set(ref_union) - set(classes))
-    if not_in_classes:
-        raise SSLInputError(f"references contain labels {not_in_classes} that the dataset.json does not define: pass "
-                            "the dataset.json of this dataset")
-    if not classes:
-        raise SSLInputError(f"the references in {ref_dir} contain no foreground label: nothing to evaluate; pass "
-                            "--dataset-json to name the classes that should be scored")
-
-    columns = metric_columns(nsd_tolerance_mm, voxel_units)
-    rows: list[dict] = []
-    for res in results:
-        for lab, name in classes.items():
-            # a label absent from both masks of this case was not computed (labels=None): both-empty convention
-            m = res["metrics"].get(lab, _BOTH_EMPTY)
-            rows.append({"case": res["case"], "class_id": int(lab), "class_name": name,
-                         **{columns[k]: float(m[k]) for k in METRIC_KEYS}})
-
-    summary = summarise(rows, columns)
-    summary["settings"] = {
-        "reference_folder": str(ref_dir),
-        "prediction_folder": str(pred_dir),
-        "dataset_json": str(Path(dataset_json).resolve()) if dataset_json is not None else None,
-        "file_ending": file_ending,
-        "unit": unit,
-        "voxel_units": bool(voxel_units),
-        "nsd_tolerance": float(nsd_tolerance_mm),
-        "nsd_tolerance_unit": unit,
-        "metric_columns": list(columns.values()),
-        "empty_convention": EMPTY_CONVENTION,
-        "surface_metrics": "MONAI compute_hausdorff_distance (percentile=95, symmetric), "
-                           "compute_average_surface_distance (symmetric=True: mean over both boundaries' voxels), "
-                           "compute_surface_dice (use_subvoxels=False)",
-        "num_cases": len(cases),
-        "classes": {str(k): v for k, v in classes.items()},
-        "num_predictions_without_reference": len(extra),
-        "labels_only_in_predictions": pred_only,
-    }
-    summary["num_cases"] = len(cases)
-    summary = _json_safe(summary)
-
-    if output_folder is not None:
-        out = Path(output_folder)
-        write_per_case_csv(out / PER_CASE_FILE, rows, ["case", "class_id", "class_name", *columns.values()])
-        _atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    return EvaluationResult(rows=rows, summary=summary)

@@ -1,5 +1,6 @@
-"""``nnUNetv2_ssl_predict_uncertainty``: predict a folder with nnU-Net and write a voxel-wise uncertainty map
-beside each segmentation, plus ``uncertainty.csv`` ranking the cases for review.
+"""Prediction with uncertainty: predict a folder with nnU-Net and write a voxel-wise uncertainty map beside each
+segmentation, plus ``uncertainty.csv`` ranking the cases for review (``nnUNetv2_ssl_predict_uncertainty``, whose
+command line is :mod:`nnunet_ssl.cli.predict_uncertainty`).
 
 The segmentation is made exactly as ``nnUNetv2_predict`` makes it: nnU-Net's ``nnUNetPredictor`` (preprocessing,
 sliding window with Gaussian weighting, mirroring, fold averaging) and its ``export_prediction_from_logits``. From
@@ -24,11 +25,9 @@ argmax of that average, which ``nnUNetv2_predict`` cannot make.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import multiprocessing
 import os
-import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -37,15 +36,14 @@ from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_imag
 from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, maybe_mkdir_p, save_json
 from tqdm import tqdm
 
-from nnunet_ssl.errors import SSLInputError, exit_code_of
+from nnunet_ssl.compat.tooling import add_trainer_folder, predictor_data_iterator, write_float_map
+from nnunet_ssl.errors import SSLInputError
 from nnunet_ssl.losses.evidential import predictive_entropy, total_uncertainty
 
 CSV_NAME = "uncertainty.csv"
 SUFFIX = "_uncertainty"
 MEASURE_EVIDENTIAL = "dirichlet_total_uncertainty"
 MEASURE_ENTROPY = "normalised_softmax_entropy"
-#: writers that pass the array through ``astype`` to a format that can hold float32 (see ``_KeepFloat``)
-_FLOAT_WRITERS = ("SimpleITKIO", "SimpleITKIOWithReorient", "NibabelIO", "NibabelIOWithReorient", "Tiff3DIO")
 
 
 def ensure_ext_trainers_visible() -> None:
@@ -53,10 +51,7 @@ def ensure_ext_trainers_visible() -> None:
     finds our trainers without the user exporting it."""
     from nnunet_ssl.cli.trainers import ext_trainer_path
 
-    path = ext_trainer_path()
-    current = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
-    if path not in current:
-        os.environ["nnUNet_extTrainer"] = os.pathsep.join([*current, path])
+    add_trainer_folder(ext_trainer_path())
 
 
 def is_evidential(trainer_name: str) -> bool:
@@ -91,23 +86,13 @@ def to_original_geometry(uncertainty: np.ndarray, properties: dict, plans_manage
     return np.ascontiguousarray(np.clip(full, 0.0, 1.0).transpose(plans_manager.transpose_backward))
 
 
-class _KeepFloat(np.ndarray):
-    """An array whose ``astype`` keeps float32: nnU-Net's SimpleITK, Nibabel and Tiff writers cast the segmentation
-    with ``astype(uint8/uint16)`` and otherwise only set the geometry, so passing this through ``write_seg`` writes
-    the float map with exactly the geometry handling (spacing, origin, direction, reorientation) of the labels."""
-
-    def astype(self, dtype, *args, **kwargs):
-        return np.asarray(self).astype(np.float32)
-
-
 def write_uncertainty(uncertainty: np.ndarray, properties: dict, output_file_truncated: str, plans_manager,
                       file_ending: str) -> str:
     """Writes the map beside the segmentation; returns the file name."""
     writer = plans_manager.image_reader_writer_class()
-    if type(writer).__name__ in _FLOAT_WRITERS:
-        path = output_file_truncated + SUFFIX + file_ending
-        writer.write_seg(uncertainty.astype(np.float32).view(_KeepFloat), path, properties)
-    else:
+    path = output_file_truncated + SUFFIX + file_ending
+    if not write_float_map(writer, uncertainty, path, properties):
+        # formats of 2D natural images cannot hold floats
         path = output_file_truncated + SUFFIX + ".npz"
         np.savez_compressed(path, uncertainty=uncertainty.astype(np.float32))
     return path
@@ -176,15 +161,13 @@ def predict_with_uncertainty(model_folder: str, input_folder: str, output_folder
         first.configuration_manager
     ending = dataset_json["file_ending"]
 
-    lists, truncated, _ = first._manage_input_and_output_lists(input_folder, output_folder, None, True, 0, 1, False)
+    lists, iterator = predictor_data_iterator(first, input_folder, output_folder, num_processes_preprocessing)
     if not lists:
         raise SSLInputError(f"no images ending in _0000{ending} in {input_folder}; use nnU-Net's raw layout")
     maybe_mkdir_p(output_folder)
     # as nnUNetv2_predict: the files nnU-Net's postprocessing and ensembling need beside the predictions
     save_json(dataset_json, join(output_folder, "dataset.json"), sort_keys=False)
     save_json(plans_manager.plans, join(output_folder, "plans.json"), sort_keys=False)
-    iterator = first._internal_get_data_iterator_from_lists_of_filenames(
-        lists, [None] * len(lists), truncated, max(1, num_processes_preprocessing))
     rows = []
     writer = plans_manager.image_reader_writer_class()
     for item in tqdm(iterator, total=len(lists), desc="predicting with uncertainty", unit="case"):
@@ -211,53 +194,31 @@ def predict_with_uncertainty(model_folder: str, input_folder: str, output_folder
     return sorted(rows, key=lambda r: r["mean"], reverse=True)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nnUNetv2_ssl_predict_uncertainty",
-        description="Predicts a folder like nnUNetv2_predict and writes <case>_uncertainty<ending> (Dirichlet total "
-        "uncertainty K/S for evidential trainers such as nnUNetTrainerMEDL, normalised softmax entropy otherwise, "
-        "in [0, 1], on the image's voxel grid) beside each segmentation, plus uncertainty.csv with each case's "
-        "mean uncertainty, most uncertain first.")
-    parser.add_argument("-i", required=True, help="input folder (nnU-Net raw layout: <case>_0000<ending>)")
-    parser.add_argument("-o", required=True, help="output folder")
-    parser.add_argument("-d", required=True, help="dataset name or id")
-    parser.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres")
-    parser.add_argument("-tr", default="nnUNetTrainer", help="trainer (default nnUNetTrainer)")
-    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
-    parser.add_argument("-f", nargs="+", default=None, help="folds (default: all folds with the checkpoint)")
-    parser.add_argument("-chk", nargs="+", default=["checkpoint_final.pth"],
-                        help="checkpoint file(s); several are averaged, e.g. checkpoint_final.pth "
-                        "checkpoint_final_net2.pth for MEDL's two networks")
-    parser.add_argument("-step_size", type=float, default=0.5, help="sliding-window step (default 0.5)")
-    parser.add_argument("--disable_tta", action="store_true", help="no mirroring at test time")
-    parser.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="default cuda")
-    parser.add_argument("-npp", type=int, default=2, help="preprocessing processes (default 2)")
-    return parser
+def select_device(name: str) -> torch.device:
+    """The torch device for ``-device``; on the CPU torch may use every core, as in nnUNetv2_predict."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SSLInputError("-device cuda but no CUDA device is available; pass -device cpu")
+    if name == "cpu":
+        torch.set_num_threads(multiprocessing.cpu_count())
+    return torch.device(name)
+
+
+def model_folder_of(dataset: str, trainer: str, plans: str, configuration: str) -> str:
+    """nnU-Net's results folder of a trained model (``nnUNet_results/<dataset>/<trainer>__<plans>__<config>``)."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    try:
+        name = maybe_convert_to_dataset_name(dataset)
+    except RuntimeError as e:
+        raise SSLInputError(f"dataset {dataset} not found ({e}); check -d and nnUNet_raw, "
+                            "nnUNet_preprocessed") from None
+    return get_output_folder(name, trainer, plans, configuration)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """The entry point's former location, kept for callers that import it from here; the command line is
+    :mod:`nnunet_ssl.cli.predict_uncertainty`."""
+    from nnunet_ssl.cli.predict_uncertainty import main as command_main
 
-    def command() -> None:
-        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-        from nnunetv2.utilities.file_path_utilities import get_output_folder
-
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise SSLInputError("-device cuda but no CUDA device is available; pass -device cpu")
-        if args.device == "cpu":
-            torch.set_num_threads(multiprocessing.cpu_count())
-        try:
-            dataset = maybe_convert_to_dataset_name(args.d)
-        except RuntimeError as e:
-            raise SSLInputError(f"dataset {args.d} not found ({e}); check -d and nnUNet_raw, "
-                                "nnUNet_preprocessed") from None
-        model_folder = get_output_folder(dataset, args.tr, args.p, args.c)
-        rows = predict_with_uncertainty(model_folder, args.i, args.o, args.f, args.chk, torch.device(args.device),
-                                        args.step_size, not args.disable_tta, args.npp)
-        print(f"{len(rows)} cases; uncertainty maps and {CSV_NAME} in {args.o}")
-
-    return exit_code_of(command)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return command_main(argv)

@@ -1,10 +1,10 @@
-"""The demo's and benchmark's progress line, read from nnU-Net's log lines."""
+"""The progress line of the demo and the benchmark (evaluation.stages), read from nnU-Net's log lines."""
 
 from __future__ import annotations
 
 import pytest
 
-from nnunet_ssl.demo.run_demo import Clock, TrainingReporter
+from nnunet_ssl.evaluation.stages import Clock, TrainingReporter
 
 
 @pytest.mark.parametrize("branch", ["", " (labeled branch 0.3000)"])

@@ -1,8 +1,9 @@
 """``nnUNetv2_ssl_evaluate REF_FOLDER PRED_FOLDER -o OUT_FOLDER``: Dice, IoU, HD95, ASD and NSD in millimetres.
 
 Reference folder first, as in nnU-Net's ``nnUNetv2_evaluate_folder``. Writes ``per_case.csv`` (one row per case and
-class) and ``summary.json`` (per-class and foreground-mean statistics plus the settings) to OUT_FOLDER. Definitions,
-units and the empty-mask convention: ``nnunet_ssl/evaluation/metrics.py``.
+class) and ``summary.json`` (per-class and foreground-mean statistics plus the settings) to OUT_FOLDER. The engine is
+``nnunet_ssl/evaluation/metrics_folders.py``; definitions, units and the empty-mask convention:
+``nnunet_ssl/evaluation/metrics.py``.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
     def command() -> None:
-        from nnunet_ssl.evaluation.metrics import PER_CASE_FILE, SUMMARY_FILE, evaluate_folders
+        from nnunet_ssl.evaluation.metrics_files import PER_CASE_FILE, SUMMARY_FILE
+        from nnunet_ssl.evaluation.metrics_folders import evaluate_folders
 
         result = evaluate_folders(
             args.reference_folder,

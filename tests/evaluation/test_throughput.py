@@ -9,14 +9,15 @@ import pytest
 from helpers import case_ids, write_budget_splits
 
 from nnunet_ssl import trainers
-from nnunet_ssl.evaluation.throughput import (
+from nnunet_ssl.errors import SSLInputError
+from nnunet_ssl.evaluation.throughput import run_throughput
+from nnunet_ssl.evaluation.throughput_measure import TrainerTiming, measure_trainer
+from nnunet_ssl.evaluation.throughput_table import (
     REFERENCE_TRAINER,
     TABLE_COLUMNS,
-    TrainerTiming,
     analytic_units,
     default_trainers,
     markdown_table,
-    measure_trainer,
     merge_rounds,
     table_rows,
     unlabeled_batch_of,
@@ -115,6 +116,23 @@ def test_merge_rounds_pools_iterations_and_keeps_refusals():
     assert merged.peak_memory_mb == 30.0 and merged.start_memory_mb == 5.0
     skipped = TrainerTiming("T", status="skipped", reason="r")
     assert merge_rounds([a, skipped]).status == "skipped"
+
+
+@pytest.mark.parametrize("kwargs, message", [({"iterations": 0}, "need --iterations >= 1"),
+                                             ({"warmup": -1}, "need --iterations >= 1"),
+                                             ({"rounds": 0}, "need --iterations >= 1"),
+                                             ({"fold": "x"}, "fold 'x' is not a number or 'all'")])
+def test_run_throughput_refuses_bad_counts_and_folds_before_reading_anything(kwargs, message, monkeypatch):
+    monkeypatch.delenv("nnUNet_preprocessed", raising=False)
+    with pytest.raises(SSLInputError, match=message):
+        run_throughput("990", "3d_fullres", **kwargs)
+
+
+def test_run_throughput_refuses_a_folder_as_output_before_timing(synthetic_planned, monkeypatch, tmp_path):
+    _env(monkeypatch, synthetic_planned["root"])
+    with pytest.raises(SSLInputError, match="is a folder; give a file name"):
+        run_throughput("990", "3d_fullres", trainers=[REFERENCE_TRAINER], device="cpu", output=str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
 
 
 def _env(monkeypatch, root) -> None:

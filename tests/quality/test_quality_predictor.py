@@ -234,13 +234,14 @@ def test_weak_checkpoint_from_nnunet(synthetic_planned, monkeypatch, tmp_path):
     """An nnU-Net training checkpoint (network_weights + init_args) is loaded as a weak model and predicts."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-    from nnunet_ssl.quality.train_quality import _Setup, load_weak_checkpoint
+    from nnunet_ssl.quality.training_setup import TrainingSetup
+    from nnunet_ssl.quality.weak_models import load_weak_checkpoint
 
     root = synthetic_planned["root"]
     monkeypatch.setenv("nnUNet_raw", str(root / "raw"))
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pp"))
     shutil.copytree(root / "preprocessed", tmp_path / "pp")
-    setup = _Setup(synthetic_planned["dataset"], "3d_fullres", 0, "nnUNetPlans")
+    setup = TrainingSetup(synthetic_planned["dataset"], "3d_fullres", 0, "nnUNetPlans")
     cm = setup.cm
     net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
                                  cm.network_arch_init_kwargs_req_import, 1, 3, deep_supervision=True)

@@ -6,13 +6,18 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import nnunet_env, run_cli
 
-from nnunet_ssl.evaluation import benchmark, cpu_plans, report
+from nnunet_ssl.cli import benchmark as benchmark_cli
+from nnunet_ssl.cli import cpu_plans as cpu_plans_cli
+from nnunet_ssl.evaluation import benchmark_layout as layout
+from nnunet_ssl.evaluation import benchmark_records, report, report_plots
+from nnunet_ssl.evaluation.benchmark import check_trainers
 
 
 def _use(root: Path, monkeypatch) -> None:
@@ -29,7 +34,7 @@ def test_cpu_plans_shrink_batch_and_features_and_keep_the_data(copy_planned, mon
     _use(root, monkeypatch)
     pp = root / "preprocessed" / ds
     source = json.loads((pp / "nnUNetPlans.json").read_text())
-    assert cpu_plans.main(["-d", "990"]) == 0
+    assert cpu_plans_cli.main(["-d", "990"]) == 0
     cpu = json.loads((pp / "nnUNetPlans_CPU.json").read_text())
     assert cpu["plans_name"] == "nnUNetPlans_CPU"
     src_cfg, cfg = source["configurations"]["3d_fullres"], cpu["configurations"]["3d_fullres"]
@@ -51,14 +56,14 @@ def test_cpu_plans_shrink_batch_and_features_and_keep_the_data(copy_planned, mon
 
     # rerun: no change; other settings: refused without --overwrite, file kept
     before = (pp / "nnUNetPlans_CPU.json").read_bytes()
-    assert cpu_plans.main(["-d", "990"]) == 0
-    assert cpu_plans.main(["-d", "990", "--batch-size", "3"]) == 2
+    assert cpu_plans_cli.main(["-d", "990"]) == 0
+    assert cpu_plans_cli.main(["-d", "990", "--batch-size", "3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--overwrite" in err[0]
     assert (pp / "nnUNetPlans_CPU.json").read_bytes() == before
-    assert cpu_plans.main(["-d", "990", "--batch-size", "3", "--overwrite"]) == 0
+    assert cpu_plans_cli.main(["-d", "990", "--batch-size", "3", "--overwrite"]) == 0
     assert json.loads((pp / "nnUNetPlans_CPU.json").read_text())["configurations"]["3d_fullres"]["batch_size"] == 3
-    assert cpu_plans.main(["-d", "990", "--name", "nnUNetPlans"]) == 2
+    assert cpu_plans_cli.main(["-d", "990", "--name", "nnUNetPlans"]) == 2
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -92,7 +97,7 @@ def test_benchmark_refuses_test_cases_in_training_data(leak, copy_planned, monke
         (pp / "splits_final.json").write_text(json.dumps(splits))
         expected = "validation"
     out = tmp_path / "bench"
-    assert benchmark.main(_bench_args(out)) == 2
+    assert benchmark_cli.main(_bench_args(out)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "refusing to benchmark" in err[0] and expected in err[0], err
     assert not (out / "runs").exists()
@@ -103,18 +108,18 @@ def test_benchmark_refuses_a_folder_of_other_settings(where, copy_planned, monke
     _use(copy_planned["root"], monkeypatch)
     made = tmp_path / where
     made.mkdir()
-    other = benchmark.BenchmarkSettings("Dataset990_SSLSynthetic", "3d_fullres", 0, "nnUNetPlans", [], [2], [0],
+    other = layout.BenchmarkSettings("Dataset990_SSLSynthetic", "3d_fullres", 0, "nnUNetPlans", [], [2], [0],
                                         False, 5, 2, 1, ["test_000", "test_001"])
-    (made / benchmark.SETTINGS_FILE).write_text(json.dumps(benchmark.asdict(other)))
+    (made / layout.SETTINGS_FILE).write_text(json.dumps(asdict(other)))
     out = made if where == "work_folder" else tmp_path / "bench"
     extra = ["--dry-run"] if where == "work_folder" else ["--records", str(made)]
-    assert benchmark.main(_bench_args(out, *extra)) == 2
+    assert benchmark_cli.main(_bench_args(out, *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "other settings" in err[0] and "epochs" in err[0], err
     assert not (out / "runs").exists()
     if where == "records":  # refused before the work folder is made
         assert not out.exists()
-        assert benchmark.main(_bench_args(made, "--records", str(made))) == 2
+        assert benchmark_cli.main(_bench_args(made, "--records", str(made))) == 2
         assert "another folder" in capsys.readouterr().err
 
 
@@ -122,9 +127,9 @@ def test_benchmark_refuses_a_folder_of_other_settings(where, copy_planned, monke
 # report statistics on hand-made results
 
 
-def _fake_run(out: Path, s: benchmark.BenchmarkSettings, trainer: str, budget: str, seed: int,
+def _fake_run(out: Path, s: layout.BenchmarkSettings, trainer: str, budget: str, seed: int,
               dice: dict[str, tuple[float, float]]) -> None:
-    folder = benchmark.Paths(out, benchmark.Run(trainer, budget, seed), s).evaluation
+    folder = layout.Paths(out, layout.Run(trainer, budget, seed), s).evaluation
     folder.mkdir(parents=True)
     with open(folder / "per_case.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -136,11 +141,11 @@ def _fake_run(out: Path, s: benchmark.BenchmarkSettings, trainer: str, budget: s
 
 
 def test_report_pairs_cases_over_seeds_against_the_baseline(tmp_path):
-    s = benchmark.BenchmarkSettings("Dataset990_SSLSynthetic", "3d_fullres", 0, "nnUNetPlans",
+    s = layout.BenchmarkSettings("Dataset990_SSLSynthetic", "3d_fullres", 0, "nnUNetPlans",
                                     ["nnUNetTrainerMeanTeacher"], [2], [0, 1], False, 1, 2, 1, ["c1", "c2", "c3"])
     out = tmp_path / "bench"
     out.mkdir()
-    (out / benchmark.SETTINGS_FILE).write_text(json.dumps(benchmark.asdict(s)))
+    (out / layout.SETTINGS_FILE).write_text(json.dumps(asdict(s)))
     base = {"c1": (0.8, 0.6), "c2": (0.5, 0.5), "c3": (0.9, 0.7)}
     mt0 = {"c1": (0.9, 0.7), "c2": (0.5, 0.5), "c3": (0.8, 0.6)}
     mt1 = {"c1": (0.9, 0.9), "c2": (0.6, 0.6), "c3": (0.9, 0.7)}
@@ -177,46 +182,46 @@ def test_report_pairs_cases_over_seeds_against_the_baseline(tmp_path):
 
 
 def test_report_explains_the_training_noise_control(tmp_path):
-    s = benchmark.BenchmarkSettings("Dataset990_SSLSynthetic", "3d_fullres", 0, "nnUNetPlans",
-                                    [benchmark.RESEEDED], [2], [0], False, 1, 2, 1, ["c1", "c2"])
+    s = layout.BenchmarkSettings("Dataset990_SSLSynthetic", "3d_fullres", 0, "nnUNetPlans",
+                                    [layout.RESEEDED], [2], [0], False, 1, 2, 1, ["c1", "c2"])
     out = tmp_path / "bench"
     out.mkdir()
-    (out / benchmark.SETTINGS_FILE).write_text(json.dumps(benchmark.asdict(s)))
-    _fake_run(out, s, benchmark.BASELINE, "2", 0, {"c1": (0.8, 0.6), "c2": (0.5, 0.5)})
-    _fake_run(out, s, benchmark.RESEEDED, "2", 0, {"c1": (0.7, 0.6), "c2": (0.5, 0.7)})
+    (out / layout.SETTINGS_FILE).write_text(json.dumps(asdict(s)))
+    _fake_run(out, s, layout.BASELINE, "2", 0, {"c1": (0.8, 0.6), "c2": (0.5, 0.5)})
+    _fake_run(out, s, layout.RESEEDED, "2", 0, {"c1": (0.7, 0.6), "c2": (0.5, 0.7)})
     report.write_report(out)
     (row,) = csv.DictReader(open(out / "paired.csv"))
     # case means: baseline .7 .5, reseeded .65 .6 -> differences -.05 and +.1
-    assert row["trainer"] == benchmark.RESEEDED and float(row["mean_diff"]) == pytest.approx(0.025)
+    assert row["trainer"] == layout.RESEEDED and float(row["mean_diff"]) == pytest.approx(0.025)
     assert "training randomness alone" in (out / "report.md").read_text()
 
     # SSL trainers are judged against the control's largest |difference per seed| at their budget
-    s.trainers = ["nnUNetTrainerMeanTeacher", "nnUNetTrainerFixMatch", benchmark.RESEEDED]
+    s.trainers = ["nnUNetTrainerMeanTeacher", "nnUNetTrainerFixMatch", layout.RESEEDED]
     s.seeds = [0, 1]
-    (out / benchmark.SETTINGS_FILE).write_text(json.dumps(benchmark.asdict(s)))
-    _fake_run(out, s, benchmark.BASELINE, "2", 1, {"c1": (0.8, 0.6), "c2": (0.5, 0.5)})
-    _fake_run(out, s, benchmark.RESEEDED, "2", 1, {"c1": (0.6, 0.6), "c2": (0.5, 0.5)})  # -.1 and 0: -.05
+    (out / layout.SETTINGS_FILE).write_text(json.dumps(asdict(s)))
+    _fake_run(out, s, layout.BASELINE, "2", 1, {"c1": (0.8, 0.6), "c2": (0.5, 0.5)})
+    _fake_run(out, s, layout.RESEEDED, "2", 1, {"c1": (0.6, 0.6), "c2": (0.5, 0.5)})  # -.1 and 0: -.05
     _fake_run(out, s, "nnUNetTrainerMeanTeacher", "2", 0, {"c1": (0.8, 0.6), "c2": (0.5, 0.6)})  # +.025
     _fake_run(out, s, "nnUNetTrainerFixMatch", "2", 0, {"c1": (0.9, 0.7), "c2": (0.6, 0.6)})  # +.1 and +.1
     report.write_report(out)
     rows = {r["trainer"]: r for r in csv.DictReader(open(out / "paired.csv"))}
-    assert float(rows[benchmark.RESEEDED]["mean_diff"]) == pytest.approx((0.025 - 0.05) / 2)
+    assert float(rows[layout.RESEEDED]["mean_diff"]) == pytest.approx((0.025 - 0.05) / 2)
     for trainer, beyond in (("nnUNetTrainerMeanTeacher", "False"), ("nnUNetTrainerFixMatch", "True")):
         assert float(rows[trainer]["noise_floor"]) == pytest.approx(0.05) and rows[trainer]["beyond_noise"] == beyond
-    assert rows[benchmark.RESEEDED]["noise_floor"] == "nan"
+    assert rows[layout.RESEEDED]["noise_floor"] == "nan"
     text = (out / "report.md").read_text()
     assert "| 0.0500: within |" in text and "| 0.0500: beyond |" in text
     # the trainer exists, trains, and only its training seed differs from the baseline's
     from nnunet_ssl import trainers
 
-    benchmark.check_trainers([benchmark.RESEEDED])
-    cls = getattr(trainers, benchmark.RESEEDED)
+    check_trainers([layout.RESEEDED])
+    cls = getattr(trainers, layout.RESEEDED)
     assert issubclass(cls, trainers.nnUNetTrainerSupervised) and cls.training_seed_offset == 1000
 
 
 def test_report_pairs_each_composite_with_its_host(tmp_path):
     trainers = ["nnUNetTrainerFixMatch", "nnUNetTrainerFixMatchMetaSSL", "nnUNetTrainerMeanTeacherMetaSSL",
-                "nnUNetTrainerMeanTeacherQualityGuidedMetaSSL", "nnUNetTrainerMEDL", benchmark.RESEEDED]
+                "nnUNetTrainerMeanTeacherQualityGuidedMetaSSL", "nnUNetTrainerMEDL", layout.RESEEDED]
     # hosts come from the classes' inheritance, limited to what the matrix runs
     assert report.host_of("nnUNetTrainerFixMatchMetaSSL", trainers) == "nnUNetTrainerFixMatch"
     assert report.host_of("nnUNetTrainerMeanTeacherQualityGuidedMetaSSL", trainers) == \
@@ -224,30 +229,30 @@ def test_report_pairs_each_composite_with_its_host(tmp_path):
     assert report.host_of("nnUNetTrainerMeanTeacherMetaSSL", trainers) is None  # its host is not in the matrix
     assert report.host_of("nnUNetTrainerMeanTeacherMetaSSL", ["nnUNetTrainerMeanTeacher"]) == \
         "nnUNetTrainerMeanTeacher"
-    for alone in ("nnUNetTrainerMEDL", benchmark.RESEEDED, "nnUNetTrainerNotOurs"):
-        assert report.host_of(alone, trainers + [benchmark.BASELINE]) is None
+    for alone in ("nnUNetTrainerMEDL", layout.RESEEDED, "nnUNetTrainerNotOurs"):
+        assert report.host_of(alone, trainers + [layout.BASELINE]) is None
 
-    s = benchmark.BenchmarkSettings("Dataset990_SSLSynthetic", "3d_fullres", 0, "nnUNetPlans", trainers[:2], [2],
+    s = layout.BenchmarkSettings("Dataset990_SSLSynthetic", "3d_fullres", 0, "nnUNetPlans", trainers[:2], [2],
                                     [0, 1], False, 1, 2, 1, ["c1", "c2"])
     out = tmp_path / "bench"
     out.mkdir()
-    (out / benchmark.SETTINGS_FILE).write_text(json.dumps(benchmark.asdict(s)))
+    (out / layout.SETTINGS_FILE).write_text(json.dumps(asdict(s)))
     for seed in (0, 1):
-        _fake_run(out, s, benchmark.BASELINE, "2", seed, {"c1": (0.8, 0.6), "c2": (0.5, 0.5)})
+        _fake_run(out, s, layout.BASELINE, "2", seed, {"c1": (0.8, 0.6), "c2": (0.5, 0.5)})
     _fake_run(out, s, "nnUNetTrainerFixMatch", "2", 0, {"c1": (0.8, 0.8), "c2": (0.6, 0.6)})  # .8 .6
     _fake_run(out, s, "nnUNetTrainerFixMatch", "2", 1, {"c1": (0.8, 0.6), "c2": (0.6, 0.6)})  # .7 .6
     _fake_run(out, s, "nnUNetTrainerFixMatchMetaSSL", "2", 0, {"c1": (0.9, 0.9), "c2": (0.6, 0.6)})  # .9 .6
     report.write_report(out)
     rows = {(r["trainer"], r["reference"]): r for r in csv.DictReader(open(out / "paired.csv"))}
-    assert set(rows) == {("nnUNetTrainerFixMatch", benchmark.BASELINE),
-                         ("nnUNetTrainerFixMatchMetaSSL", benchmark.BASELINE),
+    assert set(rows) == {("nnUNetTrainerFixMatch", layout.BASELINE),
+                         ("nnUNetTrainerFixMatchMetaSSL", layout.BASELINE),
                          ("nnUNetTrainerFixMatchMetaSSL", "nnUNetTrainerFixMatch")}
     # against the host only seed 0 is shared: differences +.1 and 0
     host = rows[("nnUNetTrainerFixMatchMetaSSL", "nnUNetTrainerFixMatch")]
     assert host["seeds"] == "0" and float(host["mean_diff"]) == pytest.approx(0.05)
     assert (int(host["better"]), int(host["worse"])) == (1, 0)
     # against the baseline: .9 - .7 and .6 - .5
-    assert float(rows[("nnUNetTrainerFixMatchMetaSSL", benchmark.BASELINE)]["mean_diff"]) == pytest.approx(0.15)
+    assert float(rows[("nnUNetTrainerFixMatchMetaSSL", layout.BASELINE)]["mean_diff"]) == pytest.approx(0.15)
     text = (out / "report.md").read_text()
     assert "## Paired per-case difference of each composite to its host" in text
     assert "| nnUNetTrainerFixMatchMetaSSL − nnUNetTrainerFixMatch | 2 | 1 | 2 | +0.0500 |" in text
@@ -259,7 +264,7 @@ def test_plot_colours_are_distinct_for_every_trainer(n):
     import matplotlib
 
     names = [f"nnUNetTrainer{i}" for i in range(n)]
-    colours = report.trainer_colors(names)
+    colours = report_plots.trainer_colors(names)
     assert list(colours) == names
     assert len(set(colours.values())) == n
     if 10 < n <= 20:
@@ -275,38 +280,38 @@ def test_plot_colours_are_distinct_for_every_trainer(n):
 def test_records_carry_finished_runs_to_a_new_work_folder(tmp_path):
     import torch
 
-    s = benchmark.BenchmarkSettings("Dataset990_SSLSynthetic", "3d_fullres", 0, "nnUNetPlans",
+    s = layout.BenchmarkSettings("Dataset990_SSLSynthetic", "3d_fullres", 0, "nnUNetPlans",
                                     ["nnUNetTrainerMeanTeacher"], [2], [0], False, 1, 2, 1, ["c1", "c2"])
     out, records, fresh = tmp_path / "bench", tmp_path / "records", tmp_path / "new_machine"
     for folder in (out, records, fresh):
         folder.mkdir()
-        (folder / benchmark.SETTINGS_FILE).write_text(json.dumps(benchmark.asdict(s)))
-    _fake_run(out, s, benchmark.BASELINE, "2", 0, {"c1": (0.8, 0.6), "c2": (0.5, 0.5)})
+        (folder / layout.SETTINGS_FILE).write_text(json.dumps(asdict(s)))
+    _fake_run(out, s, layout.BASELINE, "2", 0, {"c1": (0.8, 0.6), "c2": (0.5, 0.5)})
     _fake_run(out, s, "nnUNetTrainerMeanTeacher", "2", 0, {"c1": (0.9, 0.6), "c2": (0.5, 0.7)})
     # a run finished before logs were kept with the evaluation: its log comes from the checkpoint, numpy and NaN
     # included
-    mt = benchmark.Paths(out, benchmark.Run("nnUNetTrainerMeanTeacher", "2", 0), s)
+    mt = layout.Paths(out, layout.Run("nnUNetTrainerMeanTeacher", "2", 0), s)
     mt.model.mkdir(parents=True)
     torch.save({"logging": {"train_losses": [np.float64(-0.5), np.float32(-0.25)],
                             "mean_fg_dice": [0.1, float("nan")]}}, mt.model / "checkpoint_final.pth")
     stage = {"stage": "train", "device": "cpu", "cpu": "Test CPU", "torch": "9.9", "nnunetv2": "2.8.1"}
-    (mt.evaluation / benchmark.PROVENANCE).write_text(json.dumps({"training": [stage, {**stage, "stage": "resume"}],
+    (mt.evaluation / layout.PROVENANCE).write_text(json.dumps({"training": [stage, {**stage, "stage": "resume"}],
                                                                   "evaluation": stage}))
-    runs = benchmark.run_matrix(s)
+    runs = layout.run_matrix(s)
     # an unfinished run (no summary.json) is neither exported nor restored
-    unfinished = benchmark.Paths(out, benchmark.Run("nnUNetTrainerMeanTeacher", "2", 1), s).evaluation
+    unfinished = layout.Paths(out, layout.Run("nnUNetTrainerMeanTeacher", "2", 1), s).evaluation
     unfinished.mkdir(parents=True)
-    assert benchmark.sync_records(out, records, s, runs) == (0, 2)
-    assert benchmark.sync_records(out, records, s, runs) == (0, 0)
-    kept = benchmark.record_folder(records, runs[1], s)
-    assert sorted(p.name for p in kept.iterdir()) == sorted(benchmark.RECORD_FILES)
-    assert sorted(p.name for p in benchmark.record_folder(records, runs[0], s).iterdir()) == \
-        sorted(set(benchmark.RECORD_FILES) - {benchmark.TRAINING_LOG, benchmark.PROVENANCE})
-    assert json.loads((kept / benchmark.TRAINING_LOG).read_text()) == {"train_losses": [-0.5, -0.25],
+    assert benchmark_records.sync_records(out, records, s, runs) == (0, 2)
+    assert benchmark_records.sync_records(out, records, s, runs) == (0, 0)
+    kept = benchmark_records.record_folder(records, runs[1], s)
+    assert sorted(p.name for p in kept.iterdir()) == sorted(layout.RECORD_FILES)
+    assert sorted(p.name for p in benchmark_records.record_folder(records, runs[0], s).iterdir()) == \
+        sorted(set(layout.RECORD_FILES) - {layout.TRAINING_LOG, layout.PROVENANCE})
+    assert json.loads((kept / layout.TRAINING_LOG).read_text()) == {"train_losses": [-0.5, -0.25],
                                                                         "mean_fg_dice": [0.1, None]}
 
-    assert benchmark.sync_records(fresh, records, s, runs) == (2, 0)
-    assert all(benchmark.Paths(fresh, r, s).done for r in runs)
+    assert benchmark_records.sync_records(fresh, records, s, runs) == (2, 0)
+    assert all(layout.Paths(fresh, r, s).done for r in runs)
     for folder in (out, records, fresh):
         report.write_report(folder)
     assert (fresh / "paired.csv").read_text() == (out / "paired.csv").read_text()
@@ -318,13 +323,13 @@ def test_records_carry_finished_runs_to_a_new_work_folder(tmp_path):
     assert "| cpu: Test CPU | 9.9 | 2.8.1 | 1 |" in text and "| not recorded | ? | ? | 1 |" in text
     # a records folder's report is rewritten with no other option; a run needs the schedule
     (records / "report.md").unlink()
-    assert benchmark.main(["-o", str(records), "--report-only"]) == 0
+    assert benchmark_cli.main(["-o", str(records), "--report-only"]) == 0
     assert (records / "report.md").read_text() == (fresh / "report.md").read_text()
     with pytest.raises(SystemExit) as e:
-        benchmark.main(["-o", str(records), "-d", "990", "--budgets", "2"])
+        benchmark_cli.main(["-o", str(records), "-d", "990", "--budgets", "2"])
     assert e.value.code == 2
     # the curves come from the kept log when the checkpoint is gone
-    assert report.training_log(benchmark.Paths(fresh, runs[1], s))["train_losses"] == [-0.5, -0.25]
+    assert report_plots.training_log(layout.Paths(fresh, runs[1], s))["train_losses"] == [-0.5, -0.25]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -357,14 +362,14 @@ def test_tiny_benchmark_runs_reports_and_resumes(copy_planned, tmp_path):
     assert len(list(csv.DictReader(open(out / "results.csv")))) == 3
     # every run is recorded with its per-epoch training log, and the records have the same report
     mt = Path("runs", "labeled_2", "seed_0", "test_evaluation", "nnUNetTrainerMeanTeacher")
-    log = json.loads((out / mt / benchmark.TRAINING_LOG).read_text())
+    log = json.loads((out / mt / layout.TRAINING_LOG).read_text())
     assert len(log["train_losses"]) == 1 and len(log["mean_fg_dice"]) == 1
     import torch
 
-    made = json.loads((out / mt / benchmark.PROVENANCE).read_text())
+    made = json.loads((out / mt / layout.PROVENANCE).read_text())
     assert [e["stage"] for e in made["training"]] == ["train"] and made["evaluation"]["device"] == "cpu"
     assert made["training"][0]["torch"] == torch.__version__ and made["training"][0]["cpu_count"] >= 1
-    for name in benchmark.RECORD_FILES:
+    for name in layout.RECORD_FILES:
         assert (records / mt / name).read_bytes() == (out / mt / name).read_bytes()
     assert (records / "results.csv").read_text() == (out / "results.csv").read_text()
 
@@ -389,7 +394,7 @@ def test_tiny_benchmark_runs_reports_and_resumes(copy_planned, tmp_path):
     shutil.rmtree(records / mt)
     retrained = run_cli(args, env=env)
     assert "training (from scratch)" in retrained.stdout
-    stages = json.loads((records / mt / benchmark.PROVENANCE).read_text())["training"]
+    stages = json.loads((records / mt / layout.PROVENANCE).read_text())["training"]
     assert [e["stage"] for e in stages] == ["train"]
 
     # a lost work folder: a new one continues from the records alone, without training anything

@@ -15,7 +15,9 @@ import pytest
 from conftest import run_cli
 
 from nnunet_ssl.errors import SSLInputError
-from nnunet_ssl.evaluation.metrics import compute_case_metrics, evaluate_folders, read_per_case_csv
+from nnunet_ssl.evaluation.metrics import compute_case_metrics
+from nnunet_ssl.evaluation.metrics_files import read_per_case_csv
+from nnunet_ssl.evaluation.metrics_folders import evaluate_folders
 
 N = 6  # cube side
 CUBE_BOUNDARY = N**3 - (N - 2) ** 3  # 152

@@ -1,0 +1,43 @@
+"""``nnUNetv2_ssl_make_splits``: the command line of the label-budget splits (:mod:`nnunet_ssl.data.splits`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from nnunet_ssl.data.splits import make_label_budget_splits, restore_original_splits
+from nnunet_ssl.errors import SSLInputError, exit_code_of
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nnUNetv2_ssl_make_splits",
+        description="Keep N labeled training cases per fold of splits_final.json and mark the rest 'unlabeled', to "
+        "simulate a label budget. The original splits are backed up to splits_final.original.json.",
+    )
+    p.add_argument("-d", required=True, metavar="DATASET", help="dataset id or name, e.g. 4 or Dataset004_Hippocampus")
+    p.add_argument("--num-labeled", type=int, default=None, metavar="N", help="labeled training cases per fold")
+    p.add_argument("--fraction", type=float, default=None, metavar="F",
+                   help="fraction of each fold's training cases kept labeled, in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random choice of labeled cases (default 0)")
+    p.add_argument("--restore", action="store_true", help="write the original splits back and exit")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+
+    def command() -> None:
+        if args.restore:
+            if args.num_labeled is not None or args.fraction is not None:
+                raise SSLInputError("--restore takes no budget; drop --num-labeled/--fraction")
+            restore_original_splits(args.d)
+        else:
+            make_label_budget_splits(args.d, num_labeled=args.num_labeled, fraction=args.fraction, seed=args.seed)
+
+    return exit_code_of(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
