@@ -118,15 +118,29 @@ def paired(scores, trainer: str, budget: str, reference: str = BASELINE) -> dict
             "wilcoxon_p": wilcoxon_p(diffs), "better": int((diffs > 0).sum()), "worse": int((diffs < 0).sum())}
 
 
+def _composition(cls: type) -> set[type]:
+    """The hosts and plug-ins a catalogue trainer is made of (``nnunet_ssl/trainers/{hosts,plugins}/``)."""
+    return {c for c in cls.__mro__ if c.__module__.startswith(("nnunet_ssl.trainers.hosts.",
+                                                               "nnunet_ssl.trainers.plugins."))}
+
+
 def host_of(trainer: str, candidates: Sequence[str]) -> str | None:
-    """The nearest class in ``trainer``'s MRO, other than itself and the baseline, whose name is in ``candidates``;
-    None for trainers nnunet-ssl does not define."""
+    """The candidate (other than ``trainer`` and the baseline) made of the largest proper part of ``trainer``'s
+    hosts and plug-ins, e.g. the Mean Teacher for Mean Teacher + MetaSSL; None for trainers nnunet-ssl does not
+    define or that share no host with a candidate."""
     from nnunet_ssl import trainers
 
     if trainer not in trainers.__all__:
         return None
-    return next((base.__name__ for base in getattr(trainers, trainer).__mro__[1:]
-                 if base.__name__ in candidates and base.__name__ != BASELINE), None)
+    parts = _composition(getattr(trainers, trainer))
+    best, size = None, 0
+    for name in candidates:
+        if name in (trainer, BASELINE) or name not in trainers.__all__:
+            continue
+        other = _composition(getattr(trainers, name))
+        if other and other < parts and len(other) > size:
+            best, size = name, len(other)
+    return best
 
 
 def add_noise_floor(pairs: list[dict]) -> None:

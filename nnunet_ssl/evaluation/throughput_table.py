@@ -38,18 +38,20 @@ def unlabeled_batch_of(cls: type, labeled_batch: int) -> int | None:
     return labeled_batch if cls.unlabeled_batch_size is None else int(cls.unlabeled_batch_size)
 
 
+#: the package's trainers: each one composes a host and plug-ins whose counts are meant to add up
+CATALOGUE = "nnunet_ssl.trainers.catalogue"
+
+
 def analytic_units(cls: type, labeled_batch: int, unlabeled_batch: int | None) -> tuple[float | None, str]:
     """(units per step, where the count comes from); forward of one sample = 1 unit, backward = 2.
 
     Trainers with ``compute_units`` declare their own count; an nnU-Net trainer that keeps nnU-Net's
     ``train_step`` costs ``3 B``; anything else is unknown (None)."""
-    from nnunet_ssl.trainers.base import nnUNetTrainerSSL
 
     if hasattr(cls, "compute_units"):
         owner = next(c for c in cls.__mro__ if "compute_units" in vars(c))
         u = labeled_batch if unlabeled_batch is None else unlabeled_batch
-        source = ("base-class default" if owner is nnUNetTrainerSSL else "declared by the trainer" if owner is cls
-                  else f"declared by {owner.__name__}")
+        source = "declared by the trainer" if owner is cls else f"declared by {owner.__name__}"
         return float(cls.compute_units(labeled_batch, u)), source
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -97,8 +99,8 @@ def table_rows(results: Sequence[TrainerTiming], classes: dict[str, type], plans
         notes = []
         if r.status != "ok":
             notes.append(f"{r.status}: {r.reason}")
-        if source and source not in ("nnU-Net step", "declared by the trainer"):
-            notes.append(f"units: {source}")  # inherited counts may miss what the subclass adds
+        if source and source not in ("nnU-Net step", "declared by the trainer") and cls.__module__ != CATALOGUE:
+            notes.append(f"units: {source}")  # a user subclass's inherited count may miss what it adds
         bu = f"{b} / {u}" if u is not None else f"{b} / –"
         units_cells = ["n/a", "n/a"] if units is None else [_fmt_units(units), f"{units / ref_units:.2f}"]
         if r.status == "ok" and r.step_seconds:

@@ -19,7 +19,7 @@ from nnunet_ssl.trainers.plugins.quality import QAR, QW, QualityGuided
 
 # baselines
 class nnUNetTrainerSupervised(SupervisedBaseline): """nnU-Net's trainer, with the schedule and seed overrides."""
-class nnUNetTrainerSupervisedReseeded(Reseeded, SupervisedBaseline): """The baseline, seed + 1000: training noise."""
+class nnUNetTrainerSupervisedReseeded(Reseeded, nnUNetTrainerSupervised): """The baseline, seed + 1000: noise."""
 
 # hosts with their own loss
 class nnUNetTrainerMeanTeacher(MeanTeacher): """EMA teacher, softmax-MSE consistency on two aligned views."""

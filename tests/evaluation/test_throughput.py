@@ -55,9 +55,10 @@ def test_analytic_units_match_hand_counts(name):
     if name == REFERENCE_TRAINER:
         assert source == "nnU-Net step"
     else:
-        owner = "the trainer" if name in ("nnUNetTrainerMeanTeacher", "nnUNetTrainerFixMatch", "nnUNetTrainerCPS",
-                                          "nnUNetTrainerMEDL") \
-            else "QualityGuidance" if "Quality" in name or name.endswith(("QAR", "QW")) else name.replace("MetaSSL", "")
+        # the count comes from the part of the composition that changes it: a quality plug-in, the two-network
+        # host, or the base (one student pass plus one reference pass)
+        owner = "QualityGuidance" if "Quality" in name or name.endswith(("QAR", "QW")) \
+            else "TwoNetworks" if name.startswith(("nnUNetTrainerCPS", "nnUNetTrainerMEDL")) else "nnUNetTrainerSSL"
         assert source == f"declared by {owner}"
 
 
