@@ -128,3 +128,38 @@ def budget_split(ds: dict) -> tuple[list[str], list[str], list[str]]:
     labeled, val, unlabeled = ids[:2], ids[2:4], ids[4:]
     write_budget_splits(pp, labeled, val, unlabeled)
     return labeled, val, unlabeled
+
+
+def state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of a module's state dict, to compare before and after training steps."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def copy_hippocampus(raw: Path, source: Path, labeled: list[str], unlabeled: list[str]) -> None:
+    """Hippocampus training cases into an nnU-Net raw folder: ``labeled`` with their labels, ``unlabeled`` as images
+    only (their labels are never copied), and a dataset.json counting the labeled cases."""
+    import shutil
+
+    for sub in ("imagesTr", "labelsTr", "imagesUnlabeled"):
+        (raw / sub).mkdir(parents=True)
+    for case in labeled:
+        shutil.copy(source / "imagesTr" / f"{case}_0000.nii.gz", raw / "imagesTr")
+        shutil.copy(source / "labelsTr" / f"{case}.nii.gz", raw / "labelsTr")
+    for case in unlabeled:
+        shutil.copy(source / "imagesTr" / f"{case}_0000.nii.gz", raw / "imagesUnlabeled")
+    meta = json.loads((source / "dataset.json").read_text())
+    meta["numTraining"] = len(labeled)
+    (raw / "dataset.json").write_text(json.dumps(meta))
+
+
+def planned_plans(ds: dict) -> dict:
+    """nnU-Net's plans of a planned dataset fixture, as a dict."""
+    return json.loads((ds["root"] / "preprocessed" / ds["dataset"] / "nnUNetPlans.json").read_text())
+
+
+def read_image(path):
+    """(array, SimpleITK image) of an image file."""
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(path))
+    return sitk.GetArrayFromImage(img), img

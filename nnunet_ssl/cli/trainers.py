@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-
-def ext_trainer_path() -> str:
-    """The folder holding the shim module that nnU-Net's ``nnUNet_extTrainer`` lookup imports."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_ext")
+from nnunet_ssl import ext_trainer_path
 
 
 def available_trainers() -> dict[str, str]:

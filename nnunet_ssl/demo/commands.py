@@ -13,7 +13,7 @@ from nnunet_ssl.demo.settings import CONFIGURATION, FOLD, NUM_PROCESSES, TRAINER
 
 def demo_environment(workdir: Path, epochs: int, iterations: int, seed: int) -> tuple[dict[str, str], dict[str, str]]:
     """(environment for planning and preprocessing, environment for training)."""
-    from nnunet_ssl.cli.trainers import ext_trainer_path
+    from nnunet_ssl import ext_trainer_path
 
     env = dict(os.environ)
     env.update(

@@ -172,7 +172,7 @@ def prerequisites(trainer: str, s: BenchmarkSettings, device: str, results_folde
 
 
 def _environment(paths: Paths, s: BenchmarkSettings, seed: int) -> dict[str, str]:
-    from nnunet_ssl.cli.trainers import ext_trainer_path
+    from nnunet_ssl import ext_trainer_path
 
     env = dict(os.environ)
     env.update(nnUNet_preprocessed=str(paths.preprocessed), nnUNet_results=str(paths.results),

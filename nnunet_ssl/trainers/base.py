@@ -101,6 +101,10 @@ class nnUNetTrainerSSL(UnlabeledData, SSLLogs, ScheduleFromEnvironment, nnUNetTr
     def build_ssl_modules(self) -> None:
         """Create extra networks (teachers, second networks) and loss modules after the student exists."""
 
+    def reference_network(self) -> nn.Module | None:
+        """A second model whose validation pseudo-Dice is logged next to the student's (teacher, network 2)."""
+        return None
+
     def sync_reference_from_student(self) -> None:
         """Called at the start of a fresh training (after -pretrained_weights were loaded into the student)."""
 

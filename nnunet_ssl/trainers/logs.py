@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import join
 from torch import distributed as dist
-from torch import nn
 
 from nnunet_ssl.compat.trainer import ensure_log_keys, log_history, network_swapped
 from nnunet_ssl.utils.plotting import plot_ssl_progress
@@ -21,10 +20,6 @@ class SSLLogs:
     def init_ssl_logs(self) -> None:
         self._epoch_stats: list[dict[str, float]] = []
         ensure_log_keys(self, self.ssl_log_keys())
-
-    def reference_network(self) -> nn.Module | None:
-        """A second model whose validation pseudo-Dice is logged next to the student's (teacher, network 2)."""
-        return None
 
     def ssl_log_keys(self) -> list[str]:
         keys = ["ssl_sup_loss", "ssl_unsup_loss", "ssl_lambda", "ssl_confidence", "ssl_coverage", "ssl_reference_dice"]

@@ -34,10 +34,6 @@ class SSLStep:
     #: already weighted float32 terms with a schedule of their own, outside lambda(t) (QG-SSL's QAR)
     scheduled_losses: list[torch.Tensor] = field(default_factory=list)
 
-    @property
-    def unlabeled_batch_size(self) -> int:
-        return next(iter(self.views.values())).shape[0]
-
     def add_constant_loss(self, weighted: torch.Tensor) -> None:
         self.constant_losses.append(weighted)
 

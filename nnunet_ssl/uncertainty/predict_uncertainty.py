@@ -49,7 +49,7 @@ MEASURE_ENTROPY = "normalised_softmax_entropy"
 def ensure_ext_trainers_visible() -> None:
     """Adds this package's trainer folder to ``nnUNet_extTrainer`` (nnU-Net reads it lazily) so the predictor
     finds our trainers without the user exporting it."""
-    from nnunet_ssl.cli.trainers import ext_trainer_path
+    from nnunet_ssl import ext_trainer_path
 
     add_trainer_folder(ext_trainer_path())
 
@@ -214,11 +214,3 @@ def model_folder_of(dataset: str, trainer: str, plans: str, configuration: str) 
         raise SSLInputError(f"dataset {dataset} not found ({e}); check -d and nnUNet_raw, "
                             "nnUNet_preprocessed") from None
     return get_output_folder(name, trainer, plans, configuration)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The entry point's former location, kept for callers that import it from here; the command line is
-    :mod:`nnunet_ssl.cli.predict_uncertainty`."""
-    from nnunet_ssl.cli.predict_uncertainty import main as command_main
-
-    return command_main(argv)

@@ -48,10 +48,8 @@ REQUIRED = {"nnUNetv2_ssl_benchmark": {"-o"}, "nnUNetv2_ssl_cpu_plans": {"-d"}, 
 TOOLING = ("nnunet_ssl.evaluation", "nnunet_ssl.demo", "nnunet_ssl.uncertainty", "nnunet_ssl.quality",
            "nnunet_ssl.cli", "nnunet_ssl.compat.tooling", "nnunet_ssl.data.splits",
            "nnunet_ssl.data.preprocess_unlabeled")
-#: allowed imports from an engine into nnunet_ssl.cli: the trainer folder for nnUNet_extTrainer, and the former
-#: entry point of predict_uncertainty (tests of the evidential trainer still import ``main`` from there)
-ENGINE_TO_CLI = {("*", "nnunet_ssl.cli.trainers"),
-                 ("nnunet_ssl.uncertainty.predict_uncertainty", "nnunet_ssl.cli.predict_uncertainty")}
+#: allowed imports from an engine into nnunet_ssl.cli (none)
+ENGINE_TO_CLI: set[tuple[str, str]] = set()
 #: private nnU-Net, batchgenerators and torch internals that only nnunet_ssl/compat may use
 INTERNALS = ("_manage_input_and_output_lists", "_internal_get_data_iterator_from_lists_of_filenames",
              "nnUNetTrainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size", "_orig_mod", "._finish(")

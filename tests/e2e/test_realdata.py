@@ -4,11 +4,10 @@ only: the held-out test cases are never used here)."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 from conftest import HIPPOCAMPUS, lower_batch_size, nnunet_env, run_cli
-from helpers import HOST_TRAINERS, assert_trained_resumed_predicted, train_resume_predict
+from helpers import HOST_TRAINERS, assert_trained_resumed_predicted, copy_hippocampus, train_resume_predict
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata,
               pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason="../shared/data/Dataset004_Hippocampus not found")]
@@ -23,16 +22,7 @@ def hippocampus(tmp_path_factory) -> dict:
     labeled, unlabeled = source[:8], source[8:11]
     ds = "Dataset004_Hippocampus"
     raw = tmp_path / "raw" / ds
-    for sub in ("imagesTr", "labelsTr", "imagesUnlabeled"):
-        (raw / sub).mkdir(parents=True)
-    for case in labeled:
-        shutil.copy(HIPPOCAMPUS / "imagesTr" / f"{case}_0000.nii.gz", raw / "imagesTr")
-        shutil.copy(HIPPOCAMPUS / "labelsTr" / f"{case}.nii.gz", raw / "labelsTr")
-    for case in unlabeled:  # images only: their labels are never copied
-        shutil.copy(HIPPOCAMPUS / "imagesTr" / f"{case}_0000.nii.gz", raw / "imagesUnlabeled")
-    meta = json.loads((HIPPOCAMPUS / "dataset.json").read_text())
-    meta["numTraining"] = len(labeled)
-    (raw / "dataset.json").write_text(json.dumps(meta))
+    copy_hippocampus(raw, HIPPOCAMPUS, labeled, unlabeled)  # unlabeled: images only
 
     env = nnunet_env(tmp_path, training=False)
     run_cli(["nnUNetv2_plan_and_preprocess", "-d", "4", "-c", "3d_fullres", "-np", "2", "-npfp", "2"], env=env)
@@ -44,8 +34,8 @@ def hippocampus(tmp_path_factory) -> dict:
     return {"root": tmp_path, "dataset": ds, "raw": raw}
 
 
-# MEDL is left out here: test_medl.py trains and resumes it on Hippocampus training cases of its own and predicts
-# with both of its networks
+# MEDL is left out here: tests/trainers/plugins/test_evidential_plugin.py trains and resumes it on Hippocampus
+# training cases of its own and predicts with both of its networks
 @pytest.mark.parametrize("trainer", [t for t in HOST_TRAINERS if t != "nnUNetTrainerMEDL"])
 def test_trainer_pipeline_on_hippocampus(trainer, hippocampus):
     root, ds, raw = hippocampus["root"], hippocampus["dataset"], hippocampus["raw"]

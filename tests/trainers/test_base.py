@@ -8,16 +8,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import budget_split, case_ids, make_trainer, write_budget_splits
+from helpers import budget_split, case_ids, make_trainer, state_copy, write_budget_splits
 
 from nnunet_ssl.compat.trainer import unwrap
 from nnunet_ssl.errors import SSLInputError
 from nnunet_ssl.parts.ramps import sigmoid_rampup
 from nnunet_ssl.trainers import nnUNetTrainerMeanTeacher
-
-
-def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def test_mean_teacher_ema_lambda_and_checkpoint_roundtrip(copy_planned, monkeypatch, tmp_path):
@@ -35,9 +31,9 @@ def test_mean_teacher_ema_lambda_and_checkpoint_roundtrip(copy_planned, monkeypa
         trainer.train_step(next(trainer.dataloader_train))  # update 0: alpha = 0, teacher = student
         for k, v in student.state_dict().items():
             assert torch.equal(trainer.teacher.state_dict()[k], v), k
-        before = _params(trainer.teacher)
+        before = state_copy(trainer.teacher)
         trainer.train_step(next(trainer.dataloader_train))  # update 1: alpha = 0.5
-        after_student = _params(student)
+        after_student = state_copy(student)
         for name, p in trainer.teacher.named_parameters():
             assert torch.allclose(p, 0.5 * before[name] + 0.5 * after_student[name], atol=1e-6), name
         assert trainer.ssl_step == 2
@@ -75,7 +71,7 @@ def _first_step(ds, monkeypatch):
     trainer.on_train_start()
     trainer.on_train_epoch_start()
     out = trainer.train_step(next(trainer.dataloader_train))
-    weights = _params(unwrap(trainer.network))
+    weights = state_copy(unwrap(trainer.network))
     trainer.on_train_end()
     return out["loss"], weights
 

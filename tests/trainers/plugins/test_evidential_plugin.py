@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import math
 import shutil
 
@@ -15,7 +14,15 @@ import SimpleITK as sitk
 import torch
 from conftest import HIPPOCAMPUS, lower_batch_size, nnunet_env, run_cli
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
-from helpers import budget_split, make_trainer, write_budget_splits
+from helpers import (
+    budget_split,
+    copy_hippocampus,
+    make_trainer,
+    planned_plans,
+    read_image,
+    state_copy,
+    write_budget_splits,
+)
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_ssl.compat.trainer import unwrap
@@ -24,12 +31,8 @@ from nnunet_ssl.trainers import nnUNetTrainerMEDL, nnUNetTrainerMEDLNet2
 from nnunet_ssl.trainers.hosts.architectures import RESENC_BLOCKS_PER_STAGE, build_other_unet, other_unet_architecture
 
 
-def _plans(ds: dict) -> dict:
-    return json.loads((ds["root"] / "preprocessed" / ds["dataset"] / "nnUNetPlans.json").read_text())
-
-
 def test_second_network_is_the_other_unet_with_the_same_pooling(synthetic_planned):
-    plans = _plans(synthetic_planned)
+    plans = planned_plans(synthetic_planned)
     cm = PlansManager(plans).get_configuration("3d_fullres")
     name, kwargs = other_unet_architecture(cm)
     assert name.endswith("ResidualEncoderUNet")
@@ -57,10 +60,6 @@ def test_second_network_is_the_other_unet_with_the_same_pooling(synthetic_planne
         other_unet_architecture(PlansManager(resenc).get_configuration("3d_fullres"))
 
 
-def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
 def test_medl_trains_both_networks_and_checkpoints_them(copy_planned, monkeypatch, tmp_path):
     budget_split(copy_planned)
     trainer = make_trainer(nnUNetTrainerMEDL, copy_planned["root"], copy_planned["dataset"], monkeypatch,
@@ -70,7 +69,7 @@ def test_medl_trains_both_networks_and_checkpoints_them(copy_planned, monkeypatc
         assert type(unwrap(trainer.network)) is PlainConvUNet
         assert type(unwrap(trainer.network2)) is ResidualEncoderUNet
         assert trainer.optimizer2 is not trainer.optimizer
-        before1, before2 = _state(unwrap(trainer.network)), _state(unwrap(trainer.network2))
+        before1, before2 = state_copy(unwrap(trainer.network)), state_copy(unwrap(trainer.network2))
         trainer.on_train_epoch_start()
         trainer.train_step(next(trainer.dataloader_train))
         out = trainer.train_step(next(trainer.dataloader_train))
@@ -123,80 +122,7 @@ def test_medl_trains_both_networks_and_checkpoints_them(copy_planned, monkeypatc
         make_trainer(nnUNetTrainerMEDLNet2, copy_planned["root"], copy_planned["dataset"], monkeypatch)
 
 
-# ---------------------------------------------------------------------------------------------- uncertainty maps
-def test_uncertainty_map_follows_nnunets_own_export_geometry(synthetic_planned):
-    """Crop, resampling and transpose of the map match what nnU-Net does to the logits of a segmentation: with
-    logits ``20 m - 10`` for class 1, nnU-Net's exported segmentation is exactly ``map > 0.5``."""
-    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
-
-    from nnunet_ssl.uncertainty.predict_uncertainty import to_original_geometry
-
-    plans = _plans(synthetic_planned)
-    plans["transpose_forward"], plans["transpose_backward"] = [2, 0, 1], [1, 2, 0]
-    pm = PlansManager(plans)
-    cm = pm.get_configuration("3d_fullres")
-    lm = pm.get_label_manager(json.loads((synthetic_planned["root"] / "preprocessed" / synthetic_planned["dataset"]
-                                          / "dataset.json").read_text()))
-    # (transposed order, as nnU-Net's preprocessing records them; spacing in the image's own order)
-    properties = {"spacing": [1.0, 2.0, 0.8], "shape_before_cropping": (12, 14, 10),
-                  "bbox_used_for_cropping": [[1, 11], [2, 14], [0, 10]],
-                  "shape_after_cropping_and_before_resampling": (10, 12, 10)}
-    rng = np.random.default_rng(0)
-    m = (rng.random((5, 12, 20)) > 0.5).astype(np.float32)  # preprocessed crop at the plans' spacing
-    logits = np.stack([np.zeros_like(m), 20 * m - 10, np.full_like(m, -30)])
-    seg = convert_predicted_logits_to_segmentation_with_correct_shape(logits, pm, cm, lm, properties)
-    mapped = to_original_geometry(m, properties, pm, cm)
-    assert mapped.shape == seg.shape == (14, 10, 12) and mapped.dtype == np.float32
-    assert np.array_equal(mapped > 0.5, seg == 1)
-    outside = np.ones((12, 14, 10), bool)
-    outside[1:11, 2:14, 0:10] = False
-    assert np.all(mapped[outside.transpose(1, 2, 0)] == 0)  # outside nnU-Net's crop: background, no doubt
-    assert 0 < mapped.mean() < 1
-
-
-def test_uncertainty_files_csv_and_errors(synthetic_planned, tmp_path, monkeypatch, capsys):
-    from nnunet_ssl.uncertainty.predict_uncertainty import main, summarise, write_csv, write_uncertainty
-
-    plans = _plans(synthetic_planned)
-    props = {"sitk_stuff": {"spacing": (0.7, 0.8, 1.5), "origin": (1.0, -2.0, 3.0),
-                            "direction": (0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0)}}
-    u = np.random.default_rng(1).random((4, 5, 6)).astype(np.float32)
-    path = write_uncertainty(u, props, str(tmp_path / "case"), PlansManager(plans), ".nii.gz")
-    assert path.endswith("case_uncertainty.nii.gz")
-    back, img = _read(path)
-    assert back.dtype == np.float32 and np.array_equal(back, u)  # not quantised by the label writer
-    assert np.allclose(img.GetSpacing(), props["sitk_stuff"]["spacing"])
-    assert np.allclose(img.GetOrigin(), props["sitk_stuff"]["origin"])
-    assert np.allclose(img.GetDirection(), props["sitk_stuff"]["direction"])
-    natural = {**plans, "image_reader_writer": "NaturalImage2DIO"}  # PNG cannot hold floats: .npz instead
-    path = write_uncertainty(u[:1], {}, str(tmp_path / "img"), PlansManager(natural), ".png")
-    assert path.endswith("img_uncertainty.npz") and np.array_equal(np.load(path)["uncertainty"], u[:1])
-
-    seg = np.zeros((4, 5, 6), np.uint8)
-    seg[1:3, 1:3, 1:3] = 2
-    rows = [summarise("a", u, seg, "m"), summarise("b", u + 0.5, np.zeros_like(seg), "m")]
-    assert rows[0]["mean_foreground"] == pytest.approx(float(u[1:3, 1:3, 1:3].mean()))
-    assert rows[0]["foreground_voxels"] == 8 and math.isnan(rows[1]["mean_foreground"])
-    write_csv(rows, str(tmp_path / "u.csv"))
-    assert [r["case"] for r in csv.DictReader((tmp_path / "u.csv").open())] == ["b", "a"]  # most uncertain first
-
-    # no trained model: one line, exit status 2, nothing written
-    root = synthetic_planned["root"]
-    for key, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "nope")):
-        monkeypatch.setenv(key, str(root / sub))
-    code = main(["-i", str(root / "raw" / synthetic_planned["dataset"] / "imagesTs"), "-o", str(tmp_path / "out"),
-                 "-d", "990", "-c", "3d_fullres", "-tr", "nnUNetTrainerMEDL", "-device", "cpu"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("nnunet-ssl: error: no trained model in")
-    assert not (tmp_path / "out").exists()
-
-
 # ---------------------------------------------------------------------------------------------- end to end
-def _read(path) -> tuple[np.ndarray, sitk.Image]:
-    img = sitk.ReadImage(str(path))
-    return sitk.GetArrayFromImage(img), img
-
-
 def _same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
     return a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing()) and \
         np.allclose(a.GetOrigin(), b.GetOrigin()) and np.allclose(a.GetDirection(), b.GetDirection())
@@ -242,7 +168,7 @@ def test_medl_end_to_end_predict_and_uncertainty(copy_planned, tmp_path):
     rng = np.random.default_rng(0)
     cases = sorted(p.name[: -len("_0000.nii.gz")] for p in images.glob("*_0000.nii.gz"))
     for case in cases:
-        array, img = _read(images / f"{case}_0000.nii.gz")
+        array, img = read_image(images / f"{case}_0000.nii.gz")
         shutil.copy(images / f"{case}_0000.nii.gz", mixed)
         shuffled = sitk.GetImageFromArray(rng.permutation(array.ravel()).reshape(array.shape).astype(np.float32))
         shuffled.CopyInformation(img)
@@ -266,18 +192,18 @@ def test_medl_end_to_end_predict_and_uncertainty(copy_planned, tmp_path):
     assert means == sorted(means, reverse=True)
     mean = {r["case"]: float(r["mean"]) for r in rows}
     for case in cases:
-        seg, seg_img = _read(out / f"{case}.nii.gz")
-        ref, ref_img = _read(predictions["checkpoint_final.pth"] / f"{case}.nii.gz")
+        seg, seg_img = read_image(out / f"{case}.nii.gz")
+        ref, ref_img = read_image(predictions["checkpoint_final.pth"] / f"{case}.nii.gz")
         assert np.array_equal(seg, ref) and _same_geometry(seg_img, ref_img)  # exactly what nnUNetv2_predict writes
         for prefix in ("", "corrupt"):
-            u, u_img = _read(out / f"{prefix}{case}_uncertainty.nii.gz")
-            _, img = _read(mixed / f"{prefix}{case}_0000.nii.gz")
+            u, u_img = read_image(out / f"{prefix}{case}_uncertainty.nii.gz")
+            _, img = read_image(mixed / f"{prefix}{case}_0000.nii.gz")
             assert _same_geometry(u_img, img) and u.dtype == np.float32
             assert 0 < u.min() and u.max() < 1  # K/S of finite evidence; the synthetic images are not cropped
             assert float(u.mean()) == pytest.approx(mean[f"{prefix}{case}"], rel=1e-4)
         # corrupted input: less evidence, higher uncertainty (measured margin about 0.01 after 8 steps)
         assert mean[f"corrupt{case}"] > mean[case] + 0.004, (mean[f"corrupt{case}"], mean[case])
-        net2, net2_img = _read(predictions["checkpoint_final_net2.pth"] / f"{case}.nii.gz")
+        net2, net2_img = read_image(predictions["checkpoint_final_net2.pth"] / f"{case}.nii.gz")
         assert _same_geometry(net2_img, seg_img) and set(np.unique(net2)) <= {0, 1, 2}
     final2 = torch.load(f"{fold}/checkpoint_final_net2.pth", map_location="cpu", weights_only=False)
     assert final2["trainer_name"] == "nnUNetTrainerMEDLNet2"
@@ -294,16 +220,7 @@ def hippocampus_medl(tmp_path_factory) -> dict:
     labeled, unlabeled = source[:4], source[4:6]
     ds = "Dataset004_Hippocampus"
     raw = root / "raw" / ds
-    for sub in ("imagesTr", "labelsTr", "imagesUnlabeled"):
-        (raw / sub).mkdir(parents=True)
-    for case in labeled:
-        shutil.copy(HIPPOCAMPUS / "imagesTr" / f"{case}_0000.nii.gz", raw / "imagesTr")
-        shutil.copy(HIPPOCAMPUS / "labelsTr" / f"{case}.nii.gz", raw / "labelsTr")
-    for case in unlabeled:  # images only (training cases; imagesTs is never used)
-        shutil.copy(HIPPOCAMPUS / "imagesTr" / f"{case}_0000.nii.gz", raw / "imagesUnlabeled")
-    meta = json.loads((HIPPOCAMPUS / "dataset.json").read_text())
-    meta["numTraining"] = len(labeled)
-    (raw / "dataset.json").write_text(json.dumps(meta))
+    copy_hippocampus(raw, HIPPOCAMPUS, labeled, unlabeled)  # training cases only; imagesTs is never used
     env = nnunet_env(root, training=False)
     run_cli(["nnUNetv2_plan_and_preprocess", "-d", "4", "-c", "3d_fullres", "-np", "2", "-npfp", "2"], env=env)
     run_cli(["nnUNetv2_ssl_preprocess_unlabeled", "-d", "4", "-c", "3d_fullres", "-np", "2"], env=env)
@@ -328,9 +245,9 @@ def test_medl_on_hippocampus_train_resume_and_uncertainty_of_both_networks(hippo
     assert sorted(r["case"] for r in rows) == sorted(p.name[: -len("_0000.nii.gz")] for p in images)
     for image in images:
         case = image.name[: -len("_0000.nii.gz")]
-        _, img = _read(image)
-        u, u_img = _read(out / f"{case}_uncertainty.nii.gz")
-        seg, seg_img = _read(out / f"{case}.nii.gz")
+        _, img = read_image(image)
+        u, u_img = read_image(out / f"{case}_uncertainty.nii.gz")
+        seg, seg_img = read_image(out / f"{case}.nii.gz")
         assert _same_geometry(u_img, img) and _same_geometry(seg_img, img)  # real spacing, origin and direction
         assert u.dtype == np.float32 and 0 <= u.min() and u.max() < 1 and u.max() > 0
         row = next(r for r in rows if r["case"] == case)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import budget_split, make_trainer, save_untrained_quality_predictor
+from helpers import budget_split, make_trainer, save_untrained_quality_predictor, state_copy
 
 from nnunet_ssl.compat.trainer import unwrap
 from nnunet_ssl.errors import SSLInputError
@@ -35,10 +35,6 @@ class _AllActive(nnUNetTrainerMeanTeacherQualityGuided):
 def _save_untrained_predictor(trainer, seed: int = 0) -> Path:
     return save_untrained_quality_predictor(Path(trainer.preprocessed_dataset_folder_base), seed=seed,
                                             configuration=trainer.configuration_name, fold=trainer.fold)[0]
-
-
-def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def test_refuses_to_start_without_a_predictor(copy_planned, monkeypatch, tmp_path):
@@ -70,7 +66,7 @@ def test_steps_gradient_through_frozen_predictor_and_checkpoint_roundtrip(copy_p
     trainer.on_train_start()
     try:
         predictor = trainer.quality_predictor
-        before = _state(predictor)
+        before = state_copy(predictor)
         student = unwrap(trainer.network)
         # the predictor is neither part of the saved/predicted network nor optimised
         assert not any(m is predictor for m in trainer.network.modules())
