@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nnunet_ssl.errors import exit_code_of
-from nnunet_ssl.evaluation.benchmark_layout import BASELINE, RESEEDED, BenchmarkSettings
+from nnunet_ssl.evaluation.benchmark_layout import BASELINE, OFFLINE, RESEEDED, BenchmarkSettings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", required=True, metavar="OUT", help="benchmark folder (resumed if it exists)")
     p.add_argument("-tr", nargs="*", default=[], metavar="TRAINER",
                    help=f"SSL trainers to compare with {BASELINE} (which always runs); add {RESEEDED} for the "
-                   "training-noise control")
+                   f"training-noise control and {OFFLINE} for offline pseudo-labelling (the baseline as teacher)")
     p.add_argument("--budgets", nargs="+", type=int, metavar="N", help="labeled cases, e.g. 3 10")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="default 0 1")
     p.add_argument("--full", action="store_true", help=f"also train {BASELINE} on all training cases of the fold")
@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep a small copy of every finished run (per-case metrics, training log, provenance) and a "
                    "report in DIR; runs found there count as finished, so the benchmark resumes from DIR in a new "
                    "work folder")
+    p.add_argument("--offline-rounds", type=int, default=1,
+                   help=f"rounds of the offline pseudo-labelling row (-tr {OFFLINE}; default 1)")
     p.add_argument("--dry-run", action="store_true", help="print the runs and their state, run nothing")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the report of -o (a work or records folder) from its finished runs; needs no "
@@ -71,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               budgets=sorted(set(a.budgets)), seeds=list(dict.fromkeys(a.seeds)), full=a.full,
                               epochs=a.epochs, iterations_per_epoch=a.iterations_per_epoch,
                               val_iterations=a.val_iterations, test_cases=list(a.test_cases or []),
-                              nsd_tolerance_mm=a.nsd_tolerance)
+                              nsd_tolerance_mm=a.nsd_tolerance, offline_rounds=a.offline_rounds)
         records = a.records.resolve() if a.records is not None else None
         run_benchmark(s, out, a.device, a.test_images, a.test_labels, a.dry_run, not a.no_file_check, records)
 

@@ -38,9 +38,18 @@ def predictor_data_iterator(predictor: Any, input_folder: str, output_folder: st
                                                                    False)
     if not lists:
         return [], iter(())
-    iterator = predictor._internal_get_data_iterator_from_lists_of_filenames(lists, [None] * len(lists), truncated,
-                                                                             max(1, num_processes))
-    return lists, iterator
+    return lists, predictor_iterator_from_lists(predictor, lists, truncated, num_processes)
+
+
+def predictor_iterator_from_lists(predictor: Any, lists: list[list[str]], output_truncated: list[str],
+                                  num_processes: int) -> Iterator[dict]:
+    """The iterator of ``predictor_data_iterator`` for given image files per case (``lists``) and output names
+    (``output_truncated``, one per case, without file ending), e.g. cases from several folders.
+
+    Relies on ``nnUNetPredictor._internal_get_data_iterator_from_lists_of_filenames`` (private,
+    nnunetv2/inference/predict_from_raw_data.py)."""
+    return predictor._internal_get_data_iterator_from_lists_of_filenames(lists, [None] * len(lists),
+                                                                         output_truncated, max(1, num_processes))
 
 
 def augmentation_parameters(configuration_manager: Any) -> tuple[tuple[float, float], bool, np.ndarray,

@@ -37,6 +37,8 @@ from nnunet_ssl.errors import SSLInputError
 from nnunet_ssl.evaluation.benchmark_layout import (
     BASELINE,
     FULL,
+    OFFLINE,
+    OFFLINE_DATASET_ID,
     PROVENANCE,
     SETTINGS_FILE,
     TRAINING_LOG,
@@ -47,6 +49,8 @@ from nnunet_ssl.evaluation.benchmark_layout import (
     environment_info,
     load_or_store_settings,
     load_settings,
+    offline_dataset_name,
+    offline_name,
     run_matrix,
     write_json,
 )
@@ -141,6 +145,8 @@ def check_trainers(names: Sequence[str]) -> None:
     from nnunet_ssl import trainers
 
     for name in names:
+        if name == OFFLINE:
+            continue
         if name in trainers.__all__:
             if getattr(getattr(trainers, name), "inference_only", False):
                 raise SSLInputError(f"{name} only loads a checkpoint for prediction and cannot be trained; drop it "
@@ -178,36 +184,90 @@ def _environment(paths: Paths, s: BenchmarkSettings, seed: int) -> dict[str, str
     env.update(nnUNet_preprocessed=str(paths.preprocessed), nnUNet_results=str(paths.results),
                nnUNet_extTrainer=ext_trainer_path(), nnUNet_ssl_epochs=str(s.epochs),
                nnUNet_ssl_iterations_per_epoch=str(s.iterations_per_epoch),
-               nnUNet_ssl_val_iterations=str(s.val_iterations), nnUNet_ssl_seed=str(seed), PYTHONUNBUFFERED="1")
+               nnUNet_ssl_val_iterations=str(s.val_iterations), nnUNet_ssl_seed=str(seed), PYTHONUNBUFFERED="1",
+               # snapshots at 1/3 and 2/3 of training: the offline row's teacher sources
+               nnUNet_ssl_snapshots="3")
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 
+#: the lines of nnUNetv2_ssl_pseudolabel the benchmark shows
+PSEUDOLABEL_PROGRESS = ("[", "pseudo-labelling ", "predicted ", "kept ", "WARNING", "nnunet-ssl:")
+
+
+def train(run: Run, paths: Paths, s: BenchmarkSettings, device: str, clock: Clock) -> None:
+    """Trains (or resumes) one run's model with nnUNetv2_train, unless its checkpoint_final.pth exists."""
+    if (paths.model / "checkpoint_final.pth").is_file():
+        return
+    env = _environment(paths, s, run.seed)
+    resume = (paths.model / "checkpoint_latest.pth").is_file()
+    how = "resuming from checkpoint_latest.pth" if resume else "from scratch"
+    print(f"{clock.stamp()}   training {run.trainer} ({how})", flush=True)
+    train_cmd = ["nnUNetv2_train", s.dataset, s.configuration, str(s.fold), "-tr", run.trainer, "-p", s.plans,
+                 "-device", device]
+    if resume:
+        train_cmd.append("--c")
+    # every stage of a training, since one resumed elsewhere mixes machines; a start from scratch replaces
+    # the model of any earlier start that was stopped before its first checkpoint, so it drops those entries
+    entries = json.loads(paths.training_stages.read_text()) if resume and paths.training_stages.is_file() else []
+    entries.append({"stage": "resume" if resume else "train", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    **environment_info(device)})
+    write_json(paths.training_stages, entries)
+    run_stage(train_cmd, env, paths.logs / f"train_{run.trainer}.log", paths.workspace,
+              TrainingReporter(run.trainer, s.epochs, clock, s.fold))
+
+
+def offline_pseudolabel(run: Run, paths: Paths, s: BenchmarkSettings, device: str, raw: Path, clock: Clock) -> None:
+    """The offline row's training: the baseline of the same budget and seed is the teacher (trained here if this
+    workspace lacks it), ``nnUNetv2_ssl_pseudolabel --rounds`` pseudo-labels the budget's unlabeled cases (and
+    imagesUnlabeled) and trains the baseline trainer on them with the same schedule, in the workspace's own
+    nnUNet_raw. Every pool case is kept and no voxel is ignored: the plain recipe; the teacher's snapshots at 1/3
+    and 2/3 of training join its final checkpoint as sources, so the scores include stability."""
+    from nnunet_ssl.trainers.environment import snapshot_name
+
+    teacher_run = Run(BASELINE, run.budget, run.seed)
+    teacher = Paths(paths.workspace.parent.parent.parent, teacher_run, s)
+    train(teacher_run, teacher, s, device, clock)
+    if (paths.model / "checkpoint_final.pth").is_file():
+        return
+    paths.raw.mkdir(parents=True, exist_ok=True)
+    link = paths.raw / s.dataset
+    if not link.exists():
+        link.symlink_to(raw.resolve())
+    checkpoints = [c for c in (snapshot_name(1, 3), snapshot_name(2, 3)) if (teacher.model / c).is_file()]
+    env = {**_environment(paths, s, run.seed), "nnUNet_raw": str(paths.raw)}
+    cmd = ["nnUNetv2_ssl_pseudolabel", "-d", s.dataset, "-t", str(OFFLINE_DATASET_ID), "--name", offline_name(s),
+           "-o", str(paths.offline_work), "-m", str(teacher.model.parent), "-f", str(s.fold),
+           "-chk", *checkpoints, "checkpoint_final.pth", "--split-fold", str(s.fold), "--rounds",
+           str(s.offline_rounds), "--student-trainer", BASELINE, "--link-images", "--no-probabilities",
+           "-device", device, "-npp", "1"]
+    entries = json.loads(paths.training_stages.read_text()) if paths.training_stages.is_file() else []
+    entries.append({"stage": "pseudolabel", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "teacher": str(teacher.model), "training_runs": 1 + s.offline_rounds,
+                    **environment_info(device)})
+    write_json(paths.training_stages, entries)
+    print(f"{clock.stamp()}   offline pseudo-labelling, {s.offline_rounds} round(s)", flush=True)
+    # the command reports its own progress (rounds, the student's epochs); the rest stays in the log
+    run_stage(cmd, env, paths.logs / f"train_{run.trainer}.log", paths.workspace,
+              lambda line: print(f"    {line}", flush=True) if line.startswith(PSEUDOLABEL_PROGRESS) else None)
+
+
 def execute(run: Run, paths: Paths, s: BenchmarkSettings, test_images: Path, test_labels: Path,
-            test_ids: list[str], device: str, dataset_json: Path, clock: Clock) -> None:
+            test_ids: list[str], device: str, dataset_json: Path, clock: Clock, raw: Path | None = None) -> None:
     """The missing steps of one run: training (or its resumption), test prediction, evaluation."""
     env = _environment(paths, s, run.seed)
-    if not (paths.model / "checkpoint_final.pth").is_file():
-        resume = (paths.model / "checkpoint_latest.pth").is_file()
-        print(f"{clock.stamp()}   training ({'resuming from checkpoint_latest.pth' if resume else 'from scratch'})",
-              flush=True)
-        train = ["nnUNetv2_train", s.dataset, s.configuration, str(s.fold), "-tr", run.trainer, "-p", s.plans,
-                 "-device", device]
-        if resume:
-            train.append("--c")
-        # every stage of a training, since one resumed elsewhere mixes machines; a start from scratch replaces
-        # the model of any earlier start that was stopped before its first checkpoint, so it drops those entries
-        entries = json.loads(paths.training_stages.read_text()) if resume and paths.training_stages.is_file() else []
-        entries.append({"stage": "resume" if resume else "train", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        **environment_info(device)})
-        write_json(paths.training_stages, entries)
-        run_stage(train, env, paths.logs / f"train_{run.trainer}.log", paths.workspace,
-                  TrainingReporter(run.trainer, s.epochs, clock))
+    predict_dataset, predict_trainer, predict_fold = s.dataset, run.trainer, s.fold
+    if run.trainer == OFFLINE:
+        offline_pseudolabel(run, paths, s, device, raw or Path(datasets.raw_dataset_folder(s.dataset)), clock)
+        env["nnUNet_raw"] = str(paths.raw)
+        predict_dataset, predict_trainer, predict_fold = offline_dataset_name(s, s.offline_rounds), BASELINE, 0
+    else:
+        train(run, paths, s, device, clock)
     if not paths.done:
         print(f"{clock.stamp()}   predicting {len(test_ids)} test cases with checkpoint_final.pth", flush=True)
         paths.predictions.mkdir(parents=True, exist_ok=True)
-        predict = ["nnUNetv2_predict", "-i", str(test_images), "-o", str(paths.predictions), "-d", s.dataset,
-                   "-c", s.configuration, "-f", str(s.fold), "-tr", run.trainer, "-p", s.plans,
+        predict = ["nnUNetv2_predict", "-i", str(test_images), "-o", str(paths.predictions), "-d", predict_dataset,
+                   "-c", s.configuration, "-f", str(predict_fold), "-tr", predict_trainer, "-p", s.plans,
                    "-chk", "checkpoint_final.pth", "-device", device, "-npp", "1", "-nps", "1",
                    "--continue_prediction"]
         run_stage(predict, env, paths.logs / f"predict_{run.trainer}.log", paths.workspace)
@@ -301,7 +361,7 @@ def run_benchmark(s: BenchmarkSettings, out: Path, device: str = "cuda", test_im
             run_stage(cmd, _environment(paths, s, run.seed), paths.logs / f"prerequisite_{run.trainer}.log",
                       paths.workspace)
         try:
-            execute(run, paths, s, test_folder, labels, ids, device, pp / "dataset.json", clock)
+            execute(run, paths, s, test_folder, labels, ids, device, pp / "dataset.json", clock, raw)
         except StageFailed as e:
             raise SSLInputError(f"{run.label}: {e} (log: {e.log}); fix the cause and rerun the same command to "
                                 "resume") from None

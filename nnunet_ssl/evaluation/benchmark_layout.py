@@ -10,7 +10,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,11 @@ BASELINE = "nnUNetTrainerSupervised"
 #: the baseline with another training seed on the same labeled cases: the control for training noise
 RESEEDED = "nnUNetTrainerSupervisedReseeded"
 FULL = "all"
+#: the offline pseudo-labelling row: the baseline as teacher, its pseudo-labels of the budget's unlabeled cases,
+#: then the baseline trainer again as student on labeled + pseudo-labeled cases (``nnUNetv2_ssl_pseudolabel``)
+OFFLINE = "OfflinePseudoLabel"
+#: id of the derived datasets inside a run's workspace (each workspace has its own nnUNet_raw)
+OFFLINE_DATASET_ID = 900
 SETTINGS_FILE = "benchmark.json"
 #: nnU-Net's per-epoch logging of a run, kept beside its evaluation so that curves survive without checkpoints
 TRAINING_LOG = "training_log.json"
@@ -29,7 +34,7 @@ PROVENANCE = "provenance.json"
 RECORD_FILES = ("per_case.csv", TRAINING_LOG, PROVENANCE, "summary.json")
 #: settings that must not change between invocations writing into the same output folder
 FIXED_SETTINGS = ("dataset", "configuration", "fold", "plans", "epochs", "iterations_per_epoch", "val_iterations",
-                  "test_cases", "nsd_tolerance_mm")
+                  "test_cases", "nsd_tolerance_mm", "offline_rounds")
 
 
 @dataclass
@@ -47,6 +52,8 @@ class BenchmarkSettings:
     val_iterations: int
     test_cases: list[str] = field(default_factory=list)
     nsd_tolerance_mm: float = 1.0
+    #: rounds of the offline pseudo-labelling row
+    offline_rounds: int = 1
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,12 @@ class Paths:
         self.preprocessed = self.workspace / "nnUNet_preprocessed"
         self.results = self.workspace / "nnUNet_results"
         self.model = self.results / s.dataset / f"{run.trainer}__{s.plans}__{s.configuration}" / f"fold_{s.fold}"
+        self.raw = self.workspace / "nnUNet_raw"
+        self.offline_work = self.workspace / "pseudolabel"
+        if run.trainer == OFFLINE:
+            # the last round's student; its derived dataset's split has the fold as fold 0
+            last = offline_dataset_name(s, s.offline_rounds)
+            self.model = self.results / last / f"{BASELINE}__{s.plans}__{s.configuration}" / "fold_0"
         self.predictions = self.workspace / "test_predictions" / run.trainer
         self.evaluation = self.workspace / "test_evaluation" / run.trainer
         self.logs = self.workspace / "logs"
@@ -95,6 +108,16 @@ class Paths:
     @property
     def done(self) -> bool:
         return (self.evaluation / "summary.json").is_file()
+
+
+def offline_dataset_name(s: BenchmarkSettings, round_: int) -> str:
+    """The derived dataset of the offline row's round ``round_`` (as ``nnUNetv2_ssl_pseudolabel --rounds`` names
+    it)."""
+    return f"Dataset{OFFLINE_DATASET_ID + round_ - 1:03d}_{offline_name(s)}Round{round_}"
+
+
+def offline_name(s: BenchmarkSettings) -> str:
+    return f"{s.dataset[11:]}PL"
 
 
 def load_settings(folder: Path) -> BenchmarkSettings:
@@ -175,7 +198,9 @@ def load_or_store_settings(out: Path, s: BenchmarkSettings, store: bool = True) 
     path = out / SETTINGS_FILE
     if path.is_file():
         old = json.loads(path.read_text())
-        diff = [k for k in FIXED_SETTINGS if old.get(k) != asdict(s)[k]]
+        # a setting added after the folder was made counts as its default there
+        defaults = {f.name: f.default for f in fields(BenchmarkSettings) if f.default is not MISSING}
+        diff = [k for k in FIXED_SETTINGS if old.get(k, defaults.get(k)) != asdict(s)[k]]
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} there, {asdict(s)[k]!r} now" for k in diff[:3])
             raise SSLInputError(f"{out} holds a benchmark made with other settings ({shown}); use the same settings "

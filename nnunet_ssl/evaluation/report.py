@@ -29,6 +29,7 @@ import numpy as np
 from nnunet_ssl.evaluation.benchmark_layout import (
     BASELINE,
     FULL,
+    OFFLINE,
     PROVENANCE,
     RESEEDED,
     BenchmarkSettings,
@@ -213,6 +214,13 @@ def write_report(out: Path) -> Path:
                   "how often the per-case test calls such noise significant. \"Training noise\" is the largest "
                   "|Δ per seed| of that control at the budget; a trainer whose |mean Δ| is within it has not been "
                   "shown to differ from the baseline, whatever its p-value."]
+    if any(p["trainer"] == OFFLINE for p in pairs):
+        r = s.offline_rounds
+        lines += ["", f"`{OFFLINE}` is offline pseudo-labelling (`nnUNetv2_ssl_pseudolabel`): the baseline of the "
+                  f"same budget and seed is the teacher; the ensemble of its final checkpoint and its snapshots at "
+                  f"1/3 and 2/3 of training labels every unlabeled case; the baseline trainer is trained again on "
+                  f"labeled + pseudo-labeled cases with the same schedule ({r} round{'s' if r > 1 else ''}). Its "
+                  f"training compute is {1 + r}× the baseline's, plus one prediction of the pool per round."]
     if hosts:
         lines += ["", "## Paired per-case difference of each composite to its host (test Dice)", "",
                   "A composite adds a loss or weighting to a host trainer; here it is paired with that host (the "
