@@ -23,13 +23,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-p", default="nnUNetPlans", metavar="PLANS", help="plans identifier (default: nnUNetPlans)")
     p.add_argument("-np", type=int, default=None, dest="num_processes", metavar="N",
                    help="worker processes (default: nnU-Net's default_num_processes, at most one per case)")
+    p.add_argument("--part-id", type=int, default=0, help="this part (as nnUNetv2_predict's -part_id; default 0)")
+    p.add_argument("--num-parts", type=int, default=1,
+                   help="split the cases into this many parts run separately (default 1); a later run without "
+                   "parts merges their records")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     return exit_code_of(
-        lambda: preprocess_unlabeled(args.d, args.c, plans_identifier=args.p, num_processes=args.num_processes))
+        lambda: preprocess_unlabeled(args.d, args.c, plans_identifier=args.p, num_processes=args.num_processes,
+                                     part_id=args.part_id, num_parts=args.num_parts))
 
 
 if __name__ == "__main__":

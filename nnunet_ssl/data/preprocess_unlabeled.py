@@ -144,8 +144,8 @@ def _file_stats(files: Sequence[str]) -> list[list]:
 # manifest and output folder
 
 
-def _load_manifest(meta_folder: str) -> dict[str, Any]:
-    path = os.path.join(meta_folder, MANIFEST_FILE)
+def _load_manifest(meta_folder: str, name: str = MANIFEST_FILE) -> dict[str, Any]:
+    path = os.path.join(meta_folder, name)
     try:
         with open(path) as f:
             manifest = json.load(f)
@@ -157,12 +157,24 @@ def _load_manifest(meta_folder: str) -> dict[str, Any]:
     return {"format": MANIFEST_FORMAT, "cases": {}}
 
 
-def _save_manifest(meta_folder: str, manifest: dict) -> None:
+def _merge_part_manifests(meta_folder: str, manifest: dict) -> list[str]:
+    """Adds the cases recorded by sharded runs (``manifest.part<k>of<n>.json``) to ``manifest``; returns their
+    files."""
+    found = []
+    for name in sorted(os.listdir(meta_folder)):
+        if re.fullmatch(r"manifest\.part\d+of\d+\.json", name):
+            part = _load_manifest(meta_folder, name)
+            manifest["cases"].update(part["cases"])
+            found.append(os.path.join(meta_folder, name))
+    return found
+
+
+def _save_manifest(meta_folder: str, manifest: dict, name: str = MANIFEST_FILE) -> None:
     fd, tmp = tempfile.mkstemp(prefix="manifest-", suffix=".tmp", dir=meta_folder)
     with os.fdopen(fd, "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
     os.chmod(tmp, 0o644)  # mkstemp makes it private; the manifest is as readable as the cases
-    os.replace(tmp, os.path.join(meta_folder, MANIFEST_FILE))
+    os.replace(tmp, os.path.join(meta_folder, name))
 
 
 def _output_case_ids(out_folder: str) -> set[str]:
@@ -285,8 +297,15 @@ def preprocess_unlabeled(
     plans_identifier: str = "nnUNetPlans",
     num_processes: int | None = None,
     verbose: bool = True,
+    part_id: int = 0,
+    num_parts: int = 1,
 ) -> dict[str, dict[str, Any]]:
     """Preprocesses ``nnUNet_raw/<Dataset>/imagesUnlabeled`` for each configuration; only new or changed cases.
+
+    With ``num_parts > 1`` only the sorted cases ``[part_id::num_parts]`` are processed (as ``nnUNetv2_predict``'s
+    ``-part_id``/``-num_parts``), so parts can run at the same time on several machines sharing the folder: each
+    part records its cases in its own manifest file and removes nothing; the next run without parts merges those
+    manifests and removes cases whose images are gone.
 
     Returns ``{configuration: {'folder': path, 'processed': [...], 'up_to_date': [...], 'removed': [...]}}``.
     Raises ``SSLInputError`` for bad input; all checks that need no image reading run before anything is written.
@@ -300,6 +319,9 @@ def preprocess_unlabeled(
         raise SSLInputError("no configuration given; pass one or more with -c, e.g. -c 3d_fullres")
     if num_processes is not None and num_processes < 1:
         raise SSLInputError(f"-np must be at least 1, got {num_processes}")
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise SSLInputError(f"--part-id must be in 0..{num_parts - 1} for --num-parts {num_parts}, got {part_id}")
+    sharded = num_parts > 1
 
     # ---- validate everything before writing
     name = datasets.resolve_dataset_name(dataset)
@@ -337,13 +359,23 @@ def preprocess_unlabeled(
         out_folder = unlabeled_preprocessed_folder(pp_base, cm.data_identifier)
         meta_folder = os.path.join(out_folder, META_SUBFOLDER)
         os.makedirs(meta_folder, exist_ok=True)
-        for leftover in os.listdir(meta_folder):  # temporary folders of an interrupted run
-            if leftover.startswith("tmp-"):
-                shutil.rmtree(os.path.join(meta_folder, leftover), ignore_errors=True)
+        if not sharded:  # other parts may be writing theirs
+            for leftover in os.listdir(meta_folder):  # temporary folders of an interrupted run
+                if leftover.startswith("tmp-"):
+                    shutil.rmtree(os.path.join(meta_folder, leftover), ignore_errors=True)
         manifest = _load_manifest(meta_folder)
+        parts = _merge_part_manifests(meta_folder, manifest)
+        if parts and not sharded:
+            _save_manifest(meta_folder, manifest)
+            for part_file in parts:
+                os.remove(part_file)
+        manifest_name = f"manifest.part{part_id}of{num_parts}.json" if sharded else MANIFEST_FILE
+        if sharded:
+            # this part's own record, so parts never overwrite each other's
+            manifest = {"format": MANIFEST_FORMAT, "cases": {**manifest["cases"]}}
         fingerprint = configuration_fingerprint(pm.plans, cm.configuration, dataset_json)
 
-        removed = sorted((set(manifest["cases"]) | _output_case_ids(out_folder)) - set(cases))
+        removed = [] if sharded else sorted((set(manifest["cases"]) | _output_case_ids(out_folder)) - set(cases))
         for case_id in removed:
             _remove_case(out_folder, case_id)
             manifest["cases"].pop(case_id, None)
@@ -353,7 +385,7 @@ def preprocess_unlabeled(
             _save_manifest(meta_folder, manifest)
 
         todo, up_to_date = [], []
-        for case_id in cases:
+        for case_id in (sorted(cases)[part_id::num_parts] if sharded else cases):
             entry = manifest["cases"].get(case_id)
             current = (entry is not None and entry.get("config") == fingerprint and entry.get("files") == stats[case_id]
                        and _case_complete(out_folder, case_id))
@@ -375,11 +407,11 @@ def preprocess_unlabeled(
                     processed.append(case_id)
                     manifest["cases"][case_id] = {"config": fingerprint, "files": stats[case_id]}
                     if time.monotonic() - last_save > _MANIFEST_SAVE_INTERVAL_S:
-                        _save_manifest(meta_folder, manifest)
+                        _save_manifest(meta_folder, manifest, manifest_name)
                         last_save = time.monotonic()
         finally:
             # also on Ctrl-C: finished cases stay recorded and are not redone
-            _save_manifest(meta_folder, manifest)
+            _save_manifest(meta_folder, manifest, manifest_name)
 
         summary[configuration] = {"folder": out_folder, "processed": sorted(processed),
                                   "up_to_date": up_to_date, "removed": removed}

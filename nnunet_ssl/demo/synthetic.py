@@ -97,3 +97,39 @@ def make_synthetic_dataset(
     }
     (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
     return folder
+
+
+def save_random_model_folder(pp_dataset: Path, results: Path, folds: tuple = (0,),
+                             checkpoints: tuple = ("checkpoint_final.pth",), trainer: str = "nnUNetTrainer",
+                             configuration: str = "3d_fullres", seed: int = 0, foreground_bias: float = 0.0,
+                             plans_name: str = "nnUNetPlans") -> Path:
+    """A model folder as nnUNetv2_train leaves it (plans.json, dataset.json, fold_<f>/<checkpoint>), with untrained
+    networks (another seed per fold and checkpoint), for tests and measurements of prediction tools: nnU-Net's
+    predictor loads it like a trained one. ``foreground_bias`` is added to the foreground logits' bias, so
+    the untrained networks predict some foreground."""
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans = json.loads((pp_dataset / f"{plans_name}.json").read_text())
+    dataset_json = json.loads((pp_dataset / "dataset.json").read_text())
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(configuration)
+    heads = pm.get_label_manager(dataset_json).num_segmentation_heads
+    folder = results / pm.dataset_name / f"{trainer}__{pm.plans_name}__{configuration}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "plans.json").write_text(json.dumps(plans, indent=1))
+    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
+    for i, fold in enumerate(folds):
+        (folder / f"fold_{fold}").mkdir(exist_ok=True)
+        for j, checkpoint in enumerate(checkpoints):
+            torch.manual_seed(seed + 100 * i + j)
+            net = nnUNetTrainer.build_network_architecture(pm, cm, len(dataset_json["channel_names"]), heads,
+                                                           enable_deep_supervision=False)
+            state = net.state_dict()
+            bias = [k for k in state if k.startswith("decoder.seg_layers") and k.endswith(".bias")][-1]
+            state[bias][1:] += foreground_bias
+            torch.save({"network_weights": state, "trainer_name": trainer,
+                        "init_args": {"configuration": configuration},
+                        "inference_allowed_mirroring_axes": (0, 1, 2)}, folder / f"fold_{fold}" / checkpoint)
+    return folder

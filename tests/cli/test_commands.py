@@ -22,7 +22,7 @@ FLAGS = {
     "nnUNetv2_ssl_benchmark": ["-d", "-c", "-f", "-p", "-o", "-tr", "--budgets", "--seeds", "--full", "--epochs",
                                "--iterations-per-epoch", "--val-iterations", "--test-images", "--test-labels",
                                "--test-cases", "--nsd-tolerance", "-device", "--no-file-check", "--records",
-                               "--dry-run", "--report-only"],
+                               "--offline-rounds", "--dry-run", "--report-only"],
     "nnUNetv2_ssl_cpu_plans": ["-d", "-p", "--name", "-c", "--batch-size", "--base-features", "--max-features",
                                "--overwrite"],
     "nnUNetv2_ssl_demo": ["--raw", "--workdir", "--num-labeled", "--epochs", "--iterations", "--seed", "--keep"],
@@ -31,7 +31,14 @@ FLAGS = {
     "nnUNetv2_ssl_make_splits": ["-d", "--num-labeled", "--fraction", "--seed", "--restore"],
     "nnUNetv2_ssl_predict_uncertainty": ["-i", "-o", "-d", "-c", "-tr", "-p", "-f", "-chk", "-step_size",
                                          "--disable_tta", "-device", "-npp"],
-    "nnUNetv2_ssl_preprocess_unlabeled": ["-d", "-c", "-p", "-np"],
+    "nnUNetv2_ssl_preprocess_unlabeled": ["-d", "-c", "-p", "-np", "--part-id", "--num-parts"],
+    "nnUNetv2_ssl_pseudolabel": ["-d", "-t", "--name", "-o", "-m/--models", "-tr", "-p", "-c", "-f", "-chk",
+                                 "--split-fold", "--unlabeled-folder", "--no-images-unlabeled", "--min-agreement",
+                                 "--min-stability", "--min-confidence", "--max-uncertainty", "--min-quality",
+                                 "--max-ignored", "--top-k", "--top-fraction", "--rank-by", "--quality-predictor",
+                                 "--ignore-below", "--ignore-disagreement", "-device", "--part-id", "--num-parts",
+                                 "-npp", "-step_size", "--disable_tta", "--no-probabilities", "--link-images",
+                                 "--overwrite", "--rounds", "--student-trainer", "--student-fold", "--student-init"],
     "nnUNetv2_ssl_throughput": ["-d", "-c", "-p", "-f", "-tr", "--iterations", "--warmup", "--rounds", "-device", "-o",
                                 "--note"],
     "nnUNetv2_ssl_train_quality": ["-d", "-c", "-f", "-p", "--iterations", "--batch-size", "--lr",
@@ -42,10 +49,12 @@ FLAGS = {
 REQUIRED = {"nnUNetv2_ssl_benchmark": {"-o"}, "nnUNetv2_ssl_cpu_plans": {"-d"}, "nnUNetv2_ssl_demo": set(),
             "nnUNetv2_ssl_evaluate": {"reference_folder", "prediction_folder", "-o/--output-folder"},
             "nnUNetv2_ssl_make_splits": {"-d"}, "nnUNetv2_ssl_predict_uncertainty": {"-i", "-o", "-d", "-c"},
-            "nnUNetv2_ssl_preprocess_unlabeled": {"-d", "-c"}, "nnUNetv2_ssl_throughput": {"-d", "-c"},
+            "nnUNetv2_ssl_preprocess_unlabeled": {"-d", "-c"}, "nnUNetv2_ssl_pseudolabel": {"-d", "-t", "-o"},
+            "nnUNetv2_ssl_throughput": {"-d", "-c"},
             "nnUNetv2_ssl_train_quality": {"-d", "-c", "-f"}}
 #: the tools: engines and their command lines
 TOOLING = ("nnunet_ssl.evaluation", "nnunet_ssl.demo", "nnunet_ssl.uncertainty", "nnunet_ssl.quality",
+           "nnunet_ssl.pseudolabel",
            "nnunet_ssl.cli", "nnunet_ssl.compat.tooling", "nnunet_ssl.data.splits",
            "nnunet_ssl.data.preprocess_unlabeled")
 #: allowed imports from an engine into nnunet_ssl.cli (none)

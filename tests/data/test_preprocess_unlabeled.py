@@ -165,6 +165,25 @@ def test_incremental_reruns(planned_env):
     assert [p.name for p in (out / ".nnunet_ssl").iterdir()] == ["manifest.json"]  # no temporary leftovers
 
 
+def test_parts_split_the_cases_and_a_run_without_parts_merges_their_records(planned_env):
+    """Two parts process disjoint halves (nnUNetv2_predict's [part::n] of the sorted cases), each with its own
+    manifest; the next run without parts finds everything up to date, merges the records and removes stale cases."""
+    first = preprocess_unlabeled(990, ["3d_fullres"], num_processes=1, verbose=False, part_id=0, num_parts=2)
+    second = preprocess_unlabeled(990, ["3d_fullres"], num_processes=1, verbose=False, part_id=1, num_parts=2)
+    assert first["3d_fullres"]["processed"] == ["unl_000", "unl_002"]
+    assert second["3d_fullres"]["processed"] == ["unl_001", "unl_003"]
+    meta = Path(first["3d_fullres"]["folder"]) / ".nnunet_ssl"
+    assert sorted(p.name for p in meta.iterdir()) == ["manifest.part0of2.json", "manifest.part1of2.json"]
+    # a part run again has nothing to do
+    assert preprocess_unlabeled(990, ["3d_fullres"], verbose=False, part_id=0, num_parts=2)["3d_fullres"][
+        "up_to_date"] == ["unl_000", "unl_002"]
+    merged = preprocess_unlabeled(990, ["3d_fullres"], num_processes=1, verbose=False)["3d_fullres"]
+    assert merged["processed"] == [] and sorted(merged["up_to_date"]) == ["unl_000", "unl_001", "unl_002", "unl_003"]
+    assert sorted(p.name for p in meta.iterdir()) == ["manifest.json"]
+    with pytest.raises(SSLInputError, match="--part-id must be in 0..1"):
+        preprocess_unlabeled(990, ["3d_fullres"], verbose=False, part_id=2, num_parts=2)
+
+
 def test_cli_summary_and_rerun(copy_planned):
     env = nnunet_env(copy_planned["root"], training=False)
     run_cli([CLI, "-d", "990", "-c", "3d_fullres", "-np", "1"], env=env)

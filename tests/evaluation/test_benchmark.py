@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -404,3 +405,41 @@ def test_tiny_benchmark_runs_reports_and_resumes(copy_planned, tmp_path):
     assert "3 finished run(s) restored" in fourth.stdout and "3 runs (3 done, 0 to do)" in fourth.stdout
     assert not (fresh / "runs" / "labeled_2" / "seed_0" / "nnUNet_results" / ds).exists()
     assert (fresh / "results.csv").read_text() == (out / "results.csv").read_text()
+
+
+@pytest.mark.slow
+def test_offline_pseudolabel_row_uses_the_baseline_as_teacher(copy_planned, tmp_path):
+    """The offline row: the baseline of the same budget and seed is the teacher, with its snapshots; its student
+    (the baseline trainer, same schedule) is trained in the workspace's own nnUNet_raw and tested like any row."""
+    root, ds = copy_planned["root"], copy_planned["dataset"]
+    env = nnunet_env(root, training=True)
+    out = tmp_path / "bench"
+    args = ["nnUNetv2_ssl_benchmark", *_bench_args(out, "-tr", layout.OFFLINE)]
+    args[args.index("--epochs") + 1] = "3"  # snapshots after epochs 1 and 2
+    first = run_cli(args, env=env)
+    assert "2 runs (0 done, 2 to do)" in first.stdout and "offline pseudo-labelling, 1 round(s)" in first.stdout
+    ws = out / "runs" / "labeled_2" / "seed_0"
+    teacher = ws / "nnUNet_results" / ds / "nnUNetTrainerSupervised__nnUNetPlans__3d_fullres" / "fold_0"
+    assert sorted(p.name for p in teacher.glob("checkpoint_snapshot_*")) == ["checkpoint_snapshot_1of3.pth",
+                                                                             "checkpoint_snapshot_2of3.pth"]
+    derived = ws / "nnUNet_raw" / "Dataset900_SSLSyntheticPLRound1"
+    provenance = json.loads((derived / "pseudolabel.json").read_text())
+    assert [s["checkpoint"] for s in provenance["sources"]] == ["checkpoint_snapshot_1of3.pth",
+                                                               "checkpoint_snapshot_2of3.pth", "checkpoint_final.pth"]
+    # pool: the budget's 4 unlabeled training cases and the 4 of imagesUnlabeled, all kept (the plain recipe)
+    assert len(provenance["pseudo_labeled_cases"]) == 8 and all(
+        math.isfinite(c["stability"]) for c in provenance["cases"].values())
+    splits = json.loads((ws / "nnUNet_preprocessed" / "Dataset900_SSLSyntheticPLRound1" / "splits_final.json")
+                        .read_text())
+    budget = json.loads((ws / "nnUNet_preprocessed" / ds / "splits_final.json").read_text())[0]
+    assert splits == [{"train": sorted(budget["train"] + provenance["pseudo_labeled_cases"]),
+                       "val": sorted(budget["val"])}]
+    student = layout.Paths(out, layout.Run(layout.OFFLINE, "2", 0), layout.load_settings(out))
+    assert (student.model / "checkpoint_final.pth").is_file() and student.done
+    made = json.loads((student.evaluation / layout.PROVENANCE).read_text())
+    assert [e["stage"] for e in made["training"]] == ["pseudolabel"] and made["training"][0]["training_runs"] == 2
+    assert len(json.loads((student.evaluation / layout.TRAINING_LOG).read_text())["train_losses"]) == 3
+    assert f"`{layout.OFFLINE}` is offline pseudo-labelling" in (out / "report.md").read_text()
+    # nothing of it in the user's folders
+    assert not any(p.name.startswith("Dataset900") for p in (root / "raw").iterdir())
+    assert "2 runs (2 done, 0 to do)" in run_cli(args, env=env).stdout

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import read_image, save_model_folder
+from helpers import read_image
 
 from nnunet_ssl.cli.pseudolabel import main
+from nnunet_ssl.demo.synthetic import save_random_model_folder as save_model_folder
 
 TARGET = "Dataset991_SSLSyntheticPseudoLabeled"
 
