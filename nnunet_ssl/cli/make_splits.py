@@ -22,6 +22,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="fraction of each fold's training cases kept labeled, in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="seed of the random choice of labeled cases (default 0)")
     p.add_argument("--restore", action="store_true", help="write the original splits back and exit")
+    sparse = p.add_argument_group("simulated sparse annotation (a new dataset; the source is only read)")
+    sparse.add_argument("--sparse-slices", type=int, default=None, metavar="K",
+                        help="write a copy of the dataset whose training labels keep K slices per case, spread over "
+                        "the foreground, the rest nnU-Net's ignore label")
+    sparse.add_argument("-t", type=int, default=None, metavar="ID", help="id of that copy (with --sparse-slices)")
+    sparse.add_argument("--sparse-axis", type=int, default=None,
+                        help="slice axis in the label array (default: the axis of the largest spacing)")
+    sparse.add_argument("--overwrite", action="store_true", help="replace an earlier sparse copy with this id")
     return p
 
 
@@ -29,6 +37,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
     def command() -> None:
+        if args.sparse_slices is not None:
+            if args.t is None or args.restore or args.num_labeled is not None or args.fraction is not None:
+                raise SSLInputError("--sparse-slices writes a new dataset: give its id with -t, and no budget or "
+                                    "--restore (apply a budget to the new dataset afterwards)")
+            from nnunet_ssl.data.sparse import make_sparse_dataset
+
+            make_sparse_dataset(args.d, args.t, args.sparse_slices, args.sparse_axis, overwrite=args.overwrite)
+            return
         if args.restore:
             if args.num_labeled is not None or args.fraction is not None:
                 raise SSLInputError("--restore takes no budget; drop --num-labeled/--fraction")

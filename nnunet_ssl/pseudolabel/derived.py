@@ -30,7 +30,7 @@ def ignore_label_value(dataset_json: dict) -> int:
 
 
 def check_target(raw_root: Path, preprocessed_root: Path | None, source_name: str, target_name: str,
-                 overwrite: bool) -> None:
+                 overwrite: bool, provenance: str = PROVENANCE) -> None:
     """Refuses a target that is the source, or an id another dataset already uses, or (without ``overwrite``) an
     existing derived dataset."""
     if not target_name.startswith("Dataset") or len(target_name) < 12 or target_name[10] != "_" \
@@ -46,9 +46,8 @@ def check_target(raw_root: Path, preprocessed_root: Path | None, source_name: st
                 raise SSLInputError(f"dataset id {target_name[7:10]} is taken by {entry}; choose a new id (-t)")
     target = raw_root / target_name
     if target.exists():
-        if not (target / PROVENANCE).is_file():
-            raise SSLInputError(f"{target} exists and was not written by nnUNetv2_ssl_pseudolabel; choose a new "
-                                "id (-t)")
+        if not (target / provenance).is_file():
+            raise SSLInputError(f"{target} exists and was not written by nnunet-ssl; choose a new id (-t)")
         if not overwrite:
             raise SSLInputError(f"{target} exists; pass --overwrite to replace it (its preprocessed data and trained "
                                 "models are not touched)")
@@ -64,10 +63,13 @@ def _place(source: str, target: Path, link: bool) -> None:
 def write_derived_dataset(raw_root: Path, target_name: str, dataset_json: dict,
                           labeled: Mapping[str, tuple[Sequence[str], str]],
                           pseudo: Mapping[str, tuple[Sequence[str], str]], ignore_value: int | None,
-                          splits: list[dict], provenance: dict, link_images: bool = False) -> Path:
+                          splits: list[dict], provenance: dict, link_images: bool = False,
+                          provenance_name: str = PROVENANCE, link_folders: tuple[str, ...] = (),
+                          source_folder: Path | None = None) -> Path:
     """Writes ``raw_root/target_name``: ``imagesTr`` (images of ``labeled`` and ``pseudo``, each ``case -> (image
     files, label file)``), ``labelsTr``, ``dataset.json`` (``numTraining``, the ignore label when used),
-    ``splits_final.json`` and the provenance file. Returns the folder."""
+    ``splits_final.json``, the provenance file and links to ``link_folders`` of ``source_folder`` that exist.
+    Returns the folder."""
     ending = dataset_json["file_ending"]
     target = raw_root / target_name
     partial = raw_root / f".{target_name}.partial"
@@ -88,11 +90,13 @@ def write_derived_dataset(raw_root: Path, target_name: str, dataset_json: dict,
     if ignore_value is not None:
         derived["labels"] = {k: v for k, v in derived["labels"].items() if k != "ignore"}
         derived["labels"]["ignore"] = ignore_value
-    derived["description"] = (f"{dataset_json.get('description', '')} + {len(pseudo)} pseudo-labeled cases "
-                              f"(nnUNetv2_ssl_pseudolabel; see {PROVENANCE})").strip(" +")
+    derived["description"] = f"{dataset_json.get('description', '')} (derived by nnunet-ssl; see {provenance_name})"
     (partial / "dataset.json").write_text(json.dumps(derived, indent=1))
     (partial / "splits_final.json").write_text(json.dumps(splits, indent=1))
-    (partial / PROVENANCE).write_text(json.dumps(provenance, indent=1))
+    (partial / provenance_name).write_text(json.dumps(provenance, indent=1))
+    for name in link_folders:
+        if source_folder is not None and (source_folder / name).is_dir():
+            (partial / name).symlink_to((source_folder / name).resolve(), target_is_directory=True)
     if target.exists():
         shutil.rmtree(target)
     os.replace(partial, target)

@@ -132,7 +132,7 @@ def test_budget_split_pool_keeps_validation_real(copy_planned, monkeypatch, caps
     """With --split-fold the pool is the budget's unlabeled cases (plus imagesUnlabeled); the labeled and validation
     cases keep their labels, the validation stays validation, and a budget split without --split-fold is refused
     (it would hand the unlabeled cases' labels to the student)."""
-    from helpers import write_budget_splits
+    from helpers import save_untrained_quality_predictor, write_budget_splits
 
     root, ds = copy_planned["root"], copy_planned["dataset"]
     _use(root, monkeypatch)
@@ -140,15 +140,19 @@ def test_budget_split_pool_keeps_validation_real(copy_planned, monkeypatch, caps
     write_budget_splits(pp, ["case_000", "case_001"], ["case_006", "case_007"],
                         [f"case_{i:03d}" for i in range(2, 6)])
     model = save_model_folder(pp, root / "results", folds=(0,), foreground_bias=2.0)
+    quality, _ = save_untrained_quality_predictor(pp, root / "results")
     work = root / "work"
     assert main(_args(model, work, "--no-images-unlabeled")) == 2
     assert "pass --split-fold" in capsys.readouterr().err
     assert main(_args(model, work, "--split-fold", "0", "--no-images-unlabeled", "--top-k", "3",
-                      "--rank-by", "confidence", "--link-images")) == 0
+                      "--rank-by", "confidence", "--link-images", "--quality-predictor", str(quality))) == 0
     target = root / "raw" / TARGET
     provenance = json.loads((target / "pseudolabel.json").read_text())
     assert sorted(provenance["cases"]) == [f"case_{i:03d}" for i in range(2, 6)]
     assert len(provenance["pseudo_labeled_cases"]) == 3
+    # the quality predictor scored every case (an untrained one: any value in [0, 1], not all equal)
+    q = [r["quality"] for r in provenance["cases"].values()]
+    assert all(0 <= x <= 1 for x in q) and len(set(q)) > 1
     assert provenance["labeled_cases"] == ["case_000", "case_001", "case_006", "case_007"]
     derived = json.loads((target / "dataset.json").read_text())
     assert "ignore" not in derived["labels"]  # no voxel rule, no ignore label

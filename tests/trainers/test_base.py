@@ -184,3 +184,21 @@ def test_reseeded_baseline_is_the_baseline_with_seed_plus_1000(copy_planned, mon
     _, baseline = initial_weights(nnUNetTrainerSupervised, 0)
     assert all(torch.equal(v, same_seed[k]) for k, v in reseeded.items())
     assert not all(torch.equal(v, baseline[k]) for k, v in reseeded.items())
+
+
+def test_snapshots_after_each_nth_of_training():
+    from nnunet_ssl.trainers.environment import snapshot_epochs
+
+    # 20 epochs in thirds: after epochs 7 and 13 (round(20/3), round(40/3)); the last third is checkpoint_final
+    assert snapshot_epochs(20, 3) == {7: "checkpoint_snapshot_1of3.pth", 13: "checkpoint_snapshot_2of3.pth"}
+    assert snapshot_epochs(10, 2) == {5: "checkpoint_snapshot_1of2.pth"}
+    # too short a training for every snapshot: the earlier one keeps the epoch
+    assert snapshot_epochs(2, 3) == {1: "checkpoint_snapshot_1of3.pth"}
+
+
+def test_bad_snapshot_variable_is_one_clear_error(copy_planned, monkeypatch):
+    from nnunet_ssl.trainers import nnUNetTrainerSupervised
+
+    monkeypatch.setenv("nnUNet_ssl_snapshots", "1")
+    with pytest.raises(SSLInputError, match="nnUNet_ssl_snapshots='1' must be an integer >= 2"):
+        make_trainer(nnUNetTrainerSupervised, copy_planned["root"], copy_planned["dataset"], monkeypatch)
