@@ -195,14 +195,15 @@ def _environment(paths: Paths, s: BenchmarkSettings, seed: int) -> dict[str, str
 PSEUDOLABEL_PROGRESS = ("[", "pseudo-labelling ", "predicted ", "kept ", "WARNING", "nnunet-ssl:")
 
 
-def train(run: Run, paths: Paths, s: BenchmarkSettings, device: str, clock: Clock) -> None:
-    """Trains (or resumes) one run's model with nnUNetv2_train, unless its checkpoint_final.pth exists."""
+def train(run: Run, paths: Paths, s: BenchmarkSettings, device: str, clock: Clock, role: str = "") -> None:
+    """Trains (or resumes) one run's model with nnUNetv2_train, unless its checkpoint_final.pth exists; ``role``
+    names it in the progress line (e.g. the offline row's teacher)."""
     if (paths.model / "checkpoint_final.pth").is_file():
         return
     env = _environment(paths, s, run.seed)
     resume = (paths.model / "checkpoint_latest.pth").is_file()
     how = "resuming from checkpoint_latest.pth" if resume else "from scratch"
-    print(f"{clock.stamp()}   training {run.trainer} ({how})", flush=True)
+    print(f"{clock.stamp()}   training {role}({how})", flush=True)
     train_cmd = ["nnUNetv2_train", s.dataset, s.configuration, str(s.fold), "-tr", run.trainer, "-p", s.plans,
                  "-device", device]
     if resume:
@@ -227,7 +228,7 @@ def offline_pseudolabel(run: Run, paths: Paths, s: BenchmarkSettings, device: st
 
     teacher_run = Run(BASELINE, run.budget, run.seed)
     teacher = Paths(paths.workspace.parent.parent.parent, teacher_run, s)
-    train(teacher_run, teacher, s, device, clock)
+    train(teacher_run, teacher, s, device, clock, role=f"the teacher {BASELINE} ")
     if (paths.model / "checkpoint_final.pth").is_file():
         return
     paths.raw.mkdir(parents=True, exist_ok=True)
