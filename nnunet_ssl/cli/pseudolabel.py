@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def command() -> None:
         # torch and nnU-Net load here, so that --help answers at once
-        from nnunet_ssl.pseudolabel.pipeline import PseudoLabelSettings, pseudolabel
+        from nnunet_ssl.pseudolabel.pipeline import PseudoLabelSettings, configuration_of, pseudolabel
         from nnunet_ssl.pseudolabel.predict import VoxelRule
         from nnunet_ssl.pseudolabel.selection import SelectionRule
         from nnunet_ssl.uncertainty.predict_uncertainty import model_folder_of, select_device
@@ -104,7 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise SSLInputError("--rounds runs every step itself; shard with --num-parts without --rounds")
             from nnunet_ssl.pseudolabel.rounds import run_rounds
 
-            configuration = args.c or models[0].rstrip("/").split("__")[-1]
+            configuration = args.c or configuration_of(models[0])
+            if configuration is None:
+                raise SSLInputError(f"cannot tell the configuration of {models[0]}; pass -c")
             run_rounds(settings, args.rounds, args.student_trainer, configuration, args.student_fold,
                        args.student_init, args.device)
         else:

@@ -52,6 +52,7 @@ def make_sparse_dataset(dataset: str | int, target_id: int, slices: int, axis: i
     """Writes the sparse copy of ``dataset`` as ``nnUNet_raw/Dataset<target_id>_<name>``; returns its folder."""
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 
+    from nnunet_ssl.data.preprocess_unlabeled import num_channels
     from nnunet_ssl.data.splits import original_splits
     from nnunet_ssl.pseudolabel import derived
 
@@ -66,7 +67,7 @@ def make_sparse_dataset(dataset: str | int, target_id: int, slices: int, axis: i
     derived.check_target(raw.parent, None, source, target, overwrite, provenance=PROVENANCE)
     ending = dataset_json["file_ending"]
     ids = datasets.labeled_case_ids(str(raw), dataset_json)
-    n_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {"0": ""})))
+    n_channels = num_channels(dataset_json)
     ignore = derived.ignore_label_value(dataset_json)
     reader = determine_reader_writer_from_dataset_json(dataset_json, str(raw / "labelsTr" / f"{ids[0]}{ending}"))()
     record: dict[str, dict] = {}

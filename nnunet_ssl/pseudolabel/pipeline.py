@@ -230,8 +230,7 @@ def pseudolabel(s: PseudoLabelSettings, device: torch.device, part_id: int = 0, 
           + f"; scores: {work / SCORES_CSV}", flush=True)
     if not kept:
         print("WARNING: no case passed the selection; the derived dataset holds the labeled cases only", flush=True)
-    config = json.loads((Path(s.model_folders[0]) / "plans.json").read_text())
-    configuration = _configuration_of(Path(s.model_folders[0]), config)
+    configuration = configuration_of(s.model_folders[0]) or "CONFIGURATION"
     print(f"wrote {folder} ({len(pool.labeled)} labeled + {len(kept)} pseudo-labeled cases); next:\n"
           f"  nnUNetv2_preprocess -d {s.target_id} -plans_name {plans_name} -c {configuration}\n"
           f"  nnUNetv2_train {s.target_id} {configuration} FOLD -p {plans_name}"
@@ -239,8 +238,10 @@ def pseudolabel(s: PseudoLabelSettings, device: torch.device, part_id: int = 0, 
     return folder
 
 
-def _configuration_of(model_folder: Path, plans: dict) -> str:
-    """The configuration of a model folder named ``<trainer>__<plans>__<configuration>``."""
-    parts = model_folder.name.split("__")
-    return parts[-1] if len(parts) == 3 and parts[-1] in plans["configurations"] else "CONFIGURATION"
+def configuration_of(model_folder: str) -> str | None:
+    """The configuration of a model folder named ``<trainer>__<plans>__<configuration>`` (None if it is not)."""
+    folder = Path(model_folder)
+    parts = folder.name.split("__")
+    plans = json.loads((folder / "plans.json").read_text())
+    return parts[-1] if len(parts) == 3 and parts[-1] in plans["configurations"] else None
 

@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from nnunet_ssl.errors import SSLInputError
+from nnunet_ssl.evaluation.benchmark_layout import write_json
 from nnunet_ssl.pseudolabel import scores as S
 
 SCORES = "scores"
@@ -88,19 +87,12 @@ def resolve_sources(model_folders: Sequence[str], folds: Sequence[str] | None,
                 if not os.path.isfile(path):
                     raise SSLInputError(f"checkpoint {path} not found; pick existing folds (-f) and checkpoints (-chk)")
                 sources.append(Source(folder, fold, checkpoint))
-    plans = {json.dumps(json.load(open(os.path.join(s.model_folder, "plans.json"))), sort_keys=True)
+    plans = {json.dumps(json.loads(Path(s.model_folder, "plans.json").read_text()), sort_keys=True)
              for s in sources}
     if len(plans) > 1:
         raise SSLInputError("the model folders have different plans; pseudo-label with models of one plans file "
                             "(ensemble differently planned models with nnUNetv2_ensemble instead)")
     return sources
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def case_done(work: Path, case: str) -> bool:
@@ -120,19 +112,12 @@ class PoolPredictor:
 
     def __init__(self, sources: Sequence[Source], device: torch.device, step_size: float = 0.5,
                  use_mirroring: bool = True, quality_predictor: str | None = None) -> None:
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-        from nnunet_ssl.uncertainty.predict_uncertainty import ensure_ext_trainers_visible
+        from nnunet_ssl.uncertainty.predict_uncertainty import ensure_ext_trainers_visible, make_predictor
 
         ensure_ext_trainers_visible()
         self.sources = list(sources)
-        self.predictors = []
-        for s in self.sources:
-            p = nnUNetPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=use_mirroring,
-                                perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
-                                verbose_preprocessing=False, allow_tqdm=False)
-            p.initialize_from_trained_model_folder(s.model_folder, (s.fold,), checkpoint_name=s.checkpoint)
-            self.predictors.append(p)
+        self.predictors = [make_predictor(s.model_folder, (s.fold,), s.checkpoint, device, step_size, use_mirroring)
+                           for s in self.sources]
         first = self.predictors[0]
         self.plans_manager, self.configuration_manager = first.plans_manager, first.configuration_manager
         self.dataset_json = first.dataset_json
@@ -208,5 +193,5 @@ class PoolPredictor:
         writer.write_seg(label, str(work / LABELS / f"{case}{self.ending}"), properties)
         if keep_probabilities:
             np.savez_compressed(work / PROBABILITIES / f"{case}.npz", probabilities=mean_probabilities)
-        _atomic_json(work / SCORES / f"{case}.json", record)
+        write_json(work / SCORES / f"{case}.json", record)
         return record

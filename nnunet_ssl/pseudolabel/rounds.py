@@ -27,13 +27,10 @@ INITS = ("scratch", "teacher")
 
 
 def _environment() -> dict[str, str]:
-    from nnunet_ssl import ext_trainer_path
+    from nnunet_ssl.uncertainty.predict_uncertainty import ensure_ext_trainers_visible
 
-    env = dict(os.environ)
-    current = [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
-    env["nnUNet_extTrainer"] = os.pathsep.join(dict.fromkeys([*current, ext_trainer_path()]))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    ensure_ext_trainers_visible()  # nnUNetv2_train must find our trainers too
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def student_folder(results_root: Path, dataset: str, trainer: str, plans: str, configuration: str) -> Path:

@@ -117,8 +117,9 @@ def write_csv(rows: list[dict], path: str) -> None:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
-def _make_predictor(model_folder: str, folds, checkpoint: str, device: torch.device, step_size: float,
-                    use_mirroring: bool):
+def make_predictor(model_folder: str, folds, checkpoint: str, device: torch.device, step_size: float,
+                   use_mirroring: bool):
+    """nnU-Net's predictor for ``checkpoint`` of ``folds`` of a model folder, quiet, as nnUNetv2_predict sets it up."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     predictor = nnUNetPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=use_mirroring,
@@ -152,7 +153,7 @@ def predict_with_uncertainty(model_folder: str, input_folder: str, output_folder
     if not folds or missing:
         raise SSLInputError(f"checkpoint {missing[0] if missing else checkpoints[0]} not found; train the model "
                             f"first or pick existing folds (-f) and checkpoints (-chk)")
-    predictors = [_make_predictor(model_folder, folds, c, device, step_size, use_mirroring) for c in checkpoints]
+    predictors = [make_predictor(model_folder, folds, c, device, step_size, use_mirroring) for c in checkpoints]
     first = predictors[0]
     evidential = all(is_evidential(p.trainer_name) for p in predictors)
     measure = MEASURE_EVIDENTIAL if evidential else MEASURE_ENTROPY
