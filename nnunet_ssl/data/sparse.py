@@ -87,12 +87,15 @@ def make_sparse_dataset(dataset: str | int, target_id: int, slices: int, axis: i
                              os.path.join(tmp, f"{case}{ending}"))
             record[case] = {"axis": along, "slices": keep, "of": int(seg.shape[along]),
                             "annotated_fraction": float(np.mean(sparse != ignore))}
-        preprocessed = Path(datasets.preprocessed_dataset_folder(source))
+        # an unplanned source has no splits yet: nnU-Net's default 5-fold split of the cases, as it would make
+        preprocessed = Path(datasets.require_env("nnUNet_preprocessed")) / source
         splits, _ = original_splits(str(preprocessed), str(raw)) if preprocessed.is_dir() else (None, None)
+        origin = "the source's folds"
         if splits is None:
             from nnunetv2.utilities.crossval_split import generate_crossval_split
 
             splits = generate_crossval_split(ids, seed=12345, n_splits=5)
+            origin = "nnU-Net's default 5 folds"
         provenance = {"source_dataset": source, "slices_per_case": slices, "ignore_label": ignore, "cases": record}
         folder = derived.write_derived_dataset(raw.parent, target, dataset_json, labeled, {}, ignore, splits,
                                                provenance, link_images=True, provenance_name=PROVENANCE,
@@ -101,6 +104,6 @@ def make_sparse_dataset(dataset: str | int, target_id: int, slices: int, axis: i
     derived.install_splits(Path(datasets.require_env("nnUNet_preprocessed")), target, splits)
     kept = np.mean([r["annotated_fraction"] for r in record.values()])
     print(f"wrote {folder}: {len(ids)} cases with {slices} annotated slice(s) each (mean annotated share of voxels "
-          f"{kept:.3f}), the source's folds as its splits_final.json. Next: nnUNetv2_plan_and_preprocess -d "
+          f"{kept:.3f}), {origin} as its splits_final.json. Next: nnUNetv2_plan_and_preprocess -d "
           f"{target_id}", flush=True)
     return folder

@@ -112,12 +112,18 @@ class PoolPredictor:
 
     def __init__(self, sources: Sequence[Source], device: torch.device, step_size: float = 0.5,
                  use_mirroring: bool = True, quality_predictor: str | None = None) -> None:
-        from nnunet_ssl.uncertainty.predict_uncertainty import ensure_ext_trainers_visible, make_predictor
+        from nnunet_ssl.uncertainty.predict_uncertainty import (
+            ensure_ext_trainers_visible,
+            is_evidential,
+            make_predictor,
+        )
 
         ensure_ext_trainers_visible()
         self.sources = list(sources)
         self.predictors = [make_predictor(s.model_folder, (s.fold,), s.checkpoint, device, step_size, use_mirroring)
                            for s in self.sources]
+        #: all sources give Dirichlet evidence: the uncertainty score is their mean K / S, not the softmax entropy
+        self.evidential = all(is_evidential(p.trainer_name) for p in self.predictors)
         first = self.predictors[0]
         self.plans_manager, self.configuration_manager = first.plans_manager, first.configuration_manager
         self.dataset_json = first.dataset_json
@@ -150,6 +156,13 @@ class PoolPredictor:
         """Predicts, scores and writes one case (an item of ``iterator``); returns its score record."""
         from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
+        from nnunet_ssl.uncertainty.predict_uncertainty import (
+            MEASURE_ENTROPY,
+            MEASURE_EVIDENTIAL,
+            to_original_geometry,
+            uncertainty_from_logits,
+        )
+
         data = item["data"]
         if isinstance(data, str):  # nnU-Net hands large cases over as a temporary .npy file
             path = data
@@ -159,10 +172,15 @@ class PoolPredictor:
         maps: dict[tuple[str, str], np.ndarray] = {}
         mean_probabilities = None
         logits_sum = None
+        dirichlet = None
         for source, predictor in zip(self.sources, self.predictors):
             logits = predictor.predict_logits_from_preprocessed_data(data).cpu().float()
             if self.quality is not None:
                 logits_sum = logits if logits_sum is None else logits_sum + logits
+            if self.evidential:
+                u = to_original_geometry(uncertainty_from_logits(logits, True), properties, self.plans_manager,
+                                         self.configuration_manager)
+                dirichlet = u if dirichlet is None else dirichlet + u
             seg, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
                 logits, self.plans_manager, self.configuration_manager, self.label_manager, properties,
                 return_probabilities=True)
@@ -176,9 +194,11 @@ class PoolPredictor:
         record = {"case": case,
                   "agreement": S.grouped_pairwise_dice(maps, self.labels, across=0),
                   "stability": S.grouped_pairwise_dice(maps, self.labels, across=1),
-                  **S.confidence_scores(mean_probabilities, seg_list),
+                  **S.confidence_scores(mean_probabilities, seg_list,
+                                        None if dirichlet is None else dirichlet / len(self.sources)),
                   "quality": self._quality(data, logits_sum / len(self.sources)) if self.quality is not None
                   else float("nan"),
+                  "uncertainty_measure": MEASURE_EVIDENTIAL if self.evidential else MEASURE_ENTROPY,
                   "ignored_fraction": 0.0, "ignored_fraction_of_foreground": 0.0,
                   "sources": [s.tag for s in self.sources]}
         if voxels.active:

@@ -8,7 +8,9 @@ Every score is computed on the image's voxel grid from the label maps and probab
 * ``stability``: mean pairwise Dice between checkpoints of the same model (snapshots at fractions of one training),
   ToothFairy 2023's rule (keep a case when its snapshots' mean Dice exceeds 0.9);
 * ``confidence``: mean maximum probability of the ensemble over the voxels any source calls foreground;
-* ``uncertainty``: mean normalised entropy of the ensemble (``H / log K`` in [0, 1]) over the same voxels.
+* ``uncertainty``: mean normalised entropy of the ensemble (``H / log K`` in [0, 1]) over the same voxels; when
+  every source is evidential (``nnUNetTrainerMEDL``), the sources' mean Dirichlet total uncertainty ``K / S``
+  instead, the measure of ``nnUNetv2_ssl_predict_uncertainty``.
 
 Dice is per foreground class, ``2|A∩B| / (|A| + |B|)``, 1 when both are empty, averaged over classes. A score that
 cannot be computed (one model only, one checkpoint only) is NaN.
@@ -68,14 +70,18 @@ def foreground_union(maps: Sequence[np.ndarray]) -> np.ndarray:
     return union
 
 
-def confidence_scores(probabilities: np.ndarray, maps: Sequence[np.ndarray]) -> dict[str, float]:
-    """Mean max-probability and mean normalised entropy of the ensemble over the sources' foreground union (over the
-    whole image when no source finds foreground), and the union's size."""
+def confidence_scores(probabilities: np.ndarray, maps: Sequence[np.ndarray],
+                      uncertainty: np.ndarray | None = None) -> dict[str, float]:
+    """Mean max-probability and mean uncertainty of the ensemble over the sources' foreground union (over the
+    whole image when no source finds foreground), and the union's size. The uncertainty is the given voxel map
+    (e.g. the Dirichlet ``K / S`` of evidential sources), by default the normalised entropy of ``probabilities``."""
     region = foreground_union(maps)
     if not region.any():
         region = np.ones_like(region)
+    if uncertainty is None:
+        uncertainty = normalised_entropy(probabilities)
     return {"confidence": float(probabilities.max(0)[region].mean()),
-            "uncertainty": float(normalised_entropy(probabilities)[region].mean()),
+            "uncertainty": float(uncertainty[region].mean()),
             "foreground_voxels": int(foreground_union(maps).sum())}
 
 

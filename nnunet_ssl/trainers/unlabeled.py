@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
@@ -18,17 +19,38 @@ from nnunet_ssl.data.unlabeled_loader import (
     split_transforms,
 )
 from nnunet_ssl.errors import SSLInputError
+from nnunet_ssl.trainers.environment import env_int
+
+#: 0 keeps partially labeled training cases out of the unlabeled pool (default 1: they join it)
+ENV_PARTIAL = "nnUNet_ssl_partially_labeled"
+
+
+def partially_labeled_cases(folder: str, identifiers: list[str], ignore_label: int) -> list[str]:
+    """The cases of a preprocessed folder whose segmentation holds ``ignore_label`` (sparse or voxel-selected
+    annotations), read with nnU-Net's own dataset class."""
+    dataset = nnUNetDatasetBlosc2(folder, identifiers)
+    return [i for i in identifiers if bool(np.any(np.asarray(dataset.load_case(i)[1][:]) == ignore_label))]
 
 
 class UnlabeledData:
     """Mixin of the SSL trainer: the unlabeled pool of this fold and its multi-view loader.
 
     Reads the trainer's ``unlabeled_batch_size`` (global, split over DDP ranks like nnU-Net's batch; None = the
-    labeled batch size) and ``view_intensity``; sets ``unlabeled_batch_size_per_rank``."""
+    labeled batch size) and ``view_intensity``; sets ``unlabeled_batch_size_per_rank``.
+
+    Partially labeled cases: when ``dataset.json`` has an ``ignore`` label, the fold's training cases whose labels
+    hold it (a few annotated slices, or pseudo-labels with ignored voxels) also join the unlabeled pool, so the
+    unsupervised loss reaches their ignored voxels while nnU-Net's supervised loss keeps training on their annotated
+    ones (and gives the ignored ones no gradient). In the pool they are images only: the unsupervised loss covers
+    every voxel of their patches, annotated ones included, which lets every host (the teacher's view, FixMatch's
+    strong view and CutMix, the second network) and every plug-in use them unchanged; on annotated voxels it only
+    asks the network to agree with a reference that the supervised loss already pulls to the label. Validation cases
+    never join. ``nnUNet_ssl_partially_labeled=0`` keeps them out."""
 
     def unlabeled_sources(self) -> list[tuple[str, list[str]]]:
-        """(folder, case ids) of the unlabeled pool: preprocessed imagesUnlabeled and the 'unlabeled' list of this
-        fold in splits_final.json. Refuses an empty pool and ids that collide with training or validation cases."""
+        """(folder, case ids) of the unlabeled pool: preprocessed imagesUnlabeled, the 'unlabeled' list of this
+        fold in splits_final.json and, with an ignore label, the fold's partially labeled training cases. Refuses
+        an empty pool and ids that collide with training or validation cases."""
         tr_keys, val_keys = self.do_split()
         labeled = set(tr_keys) | set(val_keys)
         sources = []
@@ -71,6 +93,9 @@ class UnlabeledData:
                     )
                 if budget_ids:
                     sources.append((self.preprocessed_dataset_folder, budget_ids))
+        self.partially_labeled_ids = self._partially_labeled_training_cases(tr_keys)
+        if self.partially_labeled_ids:
+            sources.append((self.preprocessed_dataset_folder, self.partially_labeled_ids))
         if not sources:
             name = self.plans_manager.dataset_name
             raise SSLInputError(
@@ -80,6 +105,12 @@ class UnlabeledData:
                 "--num-labeled N"
             )
         return sources
+
+    def _partially_labeled_training_cases(self, tr_keys) -> list[str]:
+        ignore = self.label_manager.ignore_label
+        if ignore is None or env_int(ENV_PARTIAL, 0) == 0:
+            return []
+        return partially_labeled_cases(self.preprocessed_dataset_folder, sorted(tr_keys), ignore)
 
     def _raw_test_ids(self) -> set[str]:
         raw = os.environ.get("nnUNet_raw")
@@ -119,8 +150,10 @@ class UnlabeledData:
         loader = UnlabeledMultiViewLoader(pool, self.unlabeled_batch_size_per_rank, initial_patch_size,
                                           self.configuration_manager.patch_size, self.label_manager, geometric,
                                           intensity, self.view_intensity)
-        self.print_to_log_file(f"unlabeled pool: {len(pool)} cases, {self.unlabeled_batch_size_per_rank} per step "
-                               f"and rank", also_print_to_console=True)
+        partial = len(getattr(self, "partially_labeled_ids", []))
+        among = f" ({partial} of them partially labeled training cases)" if partial else ""
+        self.print_to_log_file(f"unlabeled pool: {len(pool)} cases{among}, {self.unlabeled_batch_size_per_rank} per "
+                               "step and rank", also_print_to_console=True)
         n_proc = get_allowed_n_proc_DA()
         return make_augmenter(loader, max(1, n_proc // 2) if n_proc > 0 else 0, self.device.type == "cuda")
 

@@ -63,3 +63,24 @@ def test_sparse_copy_of_the_synthetic_dataset(copy_planned, monkeypatch, capsys)
     assert {p.name: p.read_bytes() for p in (root / "raw" / ds / "labelsTr").iterdir()} == source_labels
     assert main(["-d", "990", "--sparse-slices", "2", "-t", "995"]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
+
+
+def test_sparse_copy_of_an_unplanned_dataset(tmp_path, monkeypatch, capsys):
+    """A source that was never planned has no splits: the copy gets nnU-Net's default 5 folds of its cases."""
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    from nnunet_ssl.cli.make_splits import main
+    from nnunet_ssl.demo.synthetic import make_synthetic_dataset
+
+    for name in ("raw", "preprocessed", "results"):
+        (tmp_path / name).mkdir()
+        monkeypatch.setenv(f"nnUNet_{name}", str(tmp_path / name))
+    make_synthetic_dataset(tmp_path / "raw", dataset_id=990, num_train=6, num_unlabeled=0, num_test=1,
+                           shape=(8, 16, 16))
+    assert main(["-d", "990", "--sparse-slices", "1", "-t", "996"]) == 0
+    assert "nnU-Net's default 5 folds" in capsys.readouterr().out
+    splits = json.loads((tmp_path / "preprocessed" / "Dataset996_SSLSyntheticSparse1" / "splits_final.json")
+                        .read_text())
+    ids = [f"case_{i:03d}" for i in range(6)]
+    assert splits == generate_crossval_split(ids, seed=12345, n_splits=5)
+    assert not (tmp_path / "preprocessed" / "Dataset990_SSLSynthetic").exists()  # the source stays unplanned

@@ -167,3 +167,31 @@ def test_budget_split_pool_keeps_validation_real(copy_planned, monkeypatch, caps
     # the highest-confidence cases were kept
     ranked = sorted(provenance["cases"], key=lambda c: -provenance["cases"][c]["confidence"])
     assert sorted(ranked[:3]) == provenance["pseudo_labeled_cases"]
+
+
+def test_evidential_sources_score_dirichlet_uncertainty(copy_planned, monkeypatch):
+    """Every source an evidential trainer (MEDL's network 1): the uncertainty score is the sources' mean Dirichlet
+    K / S (softplus evidence + 1), not the softmax entropy of the ensemble."""
+    import torch
+
+    from nnunet_ssl.pseudolabel.predict import PoolPredictor, resolve_sources
+    from nnunet_ssl.pseudolabel.scores import normalised_entropy
+
+    root, ds = copy_planned["root"], copy_planned["dataset"]
+    _use(root, monkeypatch)
+    pp = root / "preprocessed" / ds
+    plain = save_model_folder(pp, root / "results", folds=(0,), foreground_bias=2.0)
+    medl = save_model_folder(pp, root / "results", folds=(0,), foreground_bias=2.0, trainer="nnUNetTrainerMEDL")
+    work = root / "work"
+    assert main(_args(medl, work, "--top-k", "1")) == 0
+    records = [json.loads(p.read_text()) for p in sorted((work / "scores").glob("*.json"))]
+    assert not PoolPredictor(resolve_sources([str(plain)], ["0"], ["checkpoint_final.pth"]),
+                             torch.device("cpu"), use_mirroring=False).evidential
+    for record in records:
+        case = record["case"]
+        p = np.load(work / "probabilities" / f"{case}.npz")["probabilities"]
+        seg, _ = read_image(work / "pseudo_labels" / f"{case}.nii.gz")
+        region = seg > 0 if (seg > 0).any() else np.ones(seg.shape, bool)
+        entropy = float(normalised_entropy(p)[region].mean())
+        assert 0 < record["uncertainty"] <= 1 and not math.isclose(record["uncertainty"], entropy, rel_tol=1e-3)
+        assert record["uncertainty_measure"] == "dirichlet_total_uncertainty"

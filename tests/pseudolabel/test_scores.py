@@ -48,6 +48,10 @@ def test_confidence_and_uncertainty_over_the_foreground_union():
     empty = S.confidence_scores(p, [np.zeros(4, int)])
     assert empty["confidence"] == pytest.approx((0.9 + 0.8 + 0.5 + 1.0) / 4)
     assert empty["foreground_voxels"] == 0
+    # a given uncertainty map (evidential sources' K / S) replaces the entropy, over the same voxels
+    given = S.confidence_scores(p, maps, uncertainty=np.array([0.7, 0.1, 0.3, 0.9]))
+    assert given["uncertainty"] == pytest.approx((0.1 + 0.3) / 2)
+    assert given["confidence"] == out["confidence"]
 
 
 def test_ignore_mask_by_probability_and_disagreement():
