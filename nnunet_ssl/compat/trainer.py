@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 
 import torch
@@ -111,28 +112,54 @@ def set_deep_supervision(network: nn.Module, enabled: bool) -> None:
     unwrap(network).decoder.deep_supervision = enabled
 
 
-def add_to_checkpoint(filename: str, entries: dict) -> None:
-    """Adds ``entries`` to a checkpoint that ``nnUNetTrainer.save_checkpoint`` has just written (a dict saved with
-    ``torch.save``), atomically: a crash leaves the old or the new file, never half of one."""
-    checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-    checkpoint.update(entries)
-    tmp = filename + ".tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, filename)
+def atomic_save(obj: object, filename: str) -> None:
+    """``torch.save`` to a temporary file in the same folder, flushed to disk, then renamed over ``filename``: a kill
+    at any instant leaves the old complete file or the new one, never a truncated one."""
+    folder, name = os.path.split(os.path.abspath(filename))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, filename)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    if hasattr(os, "O_DIRECTORY"):  # the rename itself survives a power loss once the folder is synced
+        dir_fd = os.open(folder, os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def nnunet_checkpoint(trainer: nnUNetTrainer) -> dict:
+    """The dict ``nnUNetTrainer.save_checkpoint`` (nnunetv2 2.8.x) writes, built without writing it, so our trainers
+    can add their state and write the file once, atomically."""
+    return {
+        "network_weights": unwrap(trainer.network).state_dict(),
+        "optimizer_state": trainer.optimizer.state_dict(),
+        "grad_scaler_state": trainer.grad_scaler.state_dict() if trainer.grad_scaler is not None else None,
+        "logging": trainer.logger.get_checkpoint(),
+        "_best_ema": trainer._best_ema,
+        "current_epoch": trainer.current_epoch + 1,
+        "init_args": trainer.my_init_kwargs,
+        "trainer_name": trainer.__class__.__name__,
+        "inference_allowed_mirroring_axes": trainer.inference_allowed_mirroring_axes,
+    }
 
 
 def write_inference_checkpoint(final_checkpoint: str, filename: str, weights: dict[str, torch.Tensor],
                                **overrides: object) -> None:
     """Writes ``filename`` with ``weights`` and the keys of ``final_checkpoint`` that ``nnUNetv2_predict -chk`` reads
     (:data:`INFERENCE_KEYS`); ``overrides`` replace any of them (e.g. the ``trainer_name`` whose
-    ``build_network_architecture`` builds these weights' network). Atomic like :func:`add_to_checkpoint`."""
+    ``build_network_architecture`` builds these weights' network). Written with :func:`atomic_save`."""
     final = torch.load(final_checkpoint, map_location="cpu", weights_only=False)
     checkpoint = {k: final[k] for k in INFERENCE_KEYS}
     checkpoint["network_weights"] = {k: v.detach().cpu() for k, v in weights.items()}
     checkpoint.update(overrides)
-    tmp = filename + ".tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, filename)
+    atomic_save(checkpoint, filename)
 
 
 def stop_augmenter(augmenter: object) -> None:

@@ -15,6 +15,7 @@ to the cases, because nnU-Net's ``infer_dataset_class`` asserts a single file en
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import multiprocessing
@@ -227,6 +228,39 @@ def _describe_failure(case_id: str, files: Sequence[str], plans_manager, exc: Ba
     return f"cannot preprocess unlabeled case {case_id!r} ({names}): {_short(exc)}; fix or remove its files"
 
 
+def _damaged_stream(files: Sequence[str]) -> str | None:
+    """A one-line error for a compressed image whose stream ends early (readers may return part of such a file
+    without complaint), else None."""
+    for f in files:
+        if not f.endswith(".gz"):
+            continue
+        try:
+            with gzip.open(f, "rb") as stream:
+                while stream.read(1 << 24):
+                    pass
+        except (OSError, EOFError) as e:
+            return (f"cannot read {RAW_UNLABELED_SUBFOLDER}/{os.path.basename(f)} (truncated or damaged gzip stream: "
+                    f"{_short(e)}); fix or remove the file")
+    return None
+
+
+def _malformed(case_id: str, files: Sequence[str], data, props: dict, plans: dict) -> str | None:
+    """A one-line error for a 2D image in a dataset of 3D images, or for NaN / infinite voxels, else None."""
+    import numpy as np
+
+    names = ", ".join(os.path.basename(f) for f in files)
+    median = plans.get("original_median_shape_after_transp")
+    shape = list(props["shape_before_cropping"])
+    if median is not None and min(median) > 1 and min(shape) == 1:
+        return (f"unlabeled case {case_id!r} ({names}) is 2D (shape {shape}) but the dataset's images are 3D "
+                f"(median shape {[int(x) for x in median]}); remove it from {RAW_UNLABELED_SUBFOLDER}")
+    bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        return (f"unlabeled case {case_id!r} ({names}) holds NaN or infinite values ({bad} voxels after "
+                "preprocessing); fix or remove its files")
+    return None
+
+
 def _preprocess_case(task: tuple) -> tuple[str, str | None]:
     """Preprocesses one case into the output folder. Returns (case_id, None) or (case_id, one-line error).
 
@@ -242,10 +276,16 @@ def _preprocess_case(task: tuple) -> tuple[str, str | None]:
     cm = pm.get_configuration(configuration)
     tmp_dir = tempfile.mkdtemp(prefix="tmp-", dir=tmp_root)
     try:
+        damaged = _damaged_stream(files)
+        if damaged:
+            return case_id, damaged
         try:
             data, seg, props = cm.preprocessor_class(verbose=False).run_case(files, None, pm, cm, dataset_json)
         except Exception as e:  # noqa: BLE001 - reported as a one-line input error naming the file
             return case_id, _describe_failure(case_id, files, pm, e)
+        malformed = _malformed(case_id, files, data, props, plans)
+        if malformed:
+            return case_id, malformed
         props["class_locations"] = _empty_class_locations(pm, dataset_json)
         # same dtypes as nnU-Net's run_case_save
         data = data.astype(np.float32, copy=False)
@@ -402,6 +442,8 @@ def preprocess_unlabeled(
                     bar.update()
                     if error is not None:
                         failures.append(error)
+                        # an older output of this case no longer matches its images: never train on it
+                        _remove_case(out_folder, case_id)
                         manifest["cases"].pop(case_id, None)
                         continue
                     processed.append(case_id)

@@ -273,7 +273,13 @@ def load_quality_checkpoint(path: str | os.PathLike, map_location: str | torch.d
     if not path.is_file():
         hint = _train_command_hint(path)
         raise SSLInputError(f"no quality predictor at {path}; train it first with {hint}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle means a damaged or foreign file
+        # never relay torch's advice to retry with weights_only=False: that would execute the file's pickle code
+        hint = _train_command_hint(path)
+        raise SSLInputError(f"{path} cannot be read as a quality predictor ({type(e).__name__}; truncated or not a "
+                            f"checkpoint); retrain it with {hint}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         hint = _train_command_hint(path)
         raise SSLInputError(f"{path} is not a quality predictor checkpoint; retrain it with {hint}")

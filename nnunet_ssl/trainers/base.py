@@ -13,13 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from batchgenerators.utilities.file_and_folder_operations import join
+from batchgenerators.utilities.file_and_folder_operations import isfile, join
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 
 from nnunet_ssl.compat.trainer import (
-    add_to_checkpoint,
     ensure_log_keys,
     gloo_on_cpu,
     initialize_on_cpu_ddp,
@@ -31,7 +30,8 @@ from nnunet_ssl.compat.trainer import (
 from nnunet_ssl.errors import SSLInputError
 from nnunet_ssl.losses.consistency import confidence_stats
 from nnunet_ssl.parts.ramps import sigmoid_rampup
-from nnunet_ssl.trainers.environment import ScheduleFromEnvironment
+from nnunet_ssl.trainers.checkpoints import AtomicCheckpoints
+from nnunet_ssl.trainers.environment import ScheduleFromEnvironment, env_int
 from nnunet_ssl.trainers.logs import SSLLogs
 from nnunet_ssl.trainers.step import SSLStep
 from nnunet_ssl.trainers.unlabeled import UnlabeledData
@@ -49,7 +49,13 @@ def split_batch(output: torch.Tensor | Sequence[torch.Tensor], n: int):
     return output[:n], output[n:]
 
 
-class nnUNetTrainerSSL(UnlabeledData, SSLLogs, ScheduleFromEnvironment, nnUNetTrainer):
+#: 1 lets ``--c`` continue from a checkpoint without SSL state, restarting the reference model from the student
+ENV_RESTART_REFERENCE = "nnUNet_ssl_restart_reference"
+#: how many steps with non-finite gradients a run may skip before it stops (default 0)
+ENV_SKIP_NONFINITE = "nnUNet_ssl_skip_nonfinite"
+
+
+class nnUNetTrainerSSL(UnlabeledData, SSLLogs, AtomicCheckpoints, ScheduleFromEnvironment, nnUNetTrainer):
     """Base class of all SSL trainers (not meant to be trained directly).
 
     Hosts and plug-ins set the class attributes below and override the hooks; state that must survive ``--c`` goes
@@ -240,42 +246,81 @@ class nnUNetTrainerSSL(UnlabeledData, SSLLogs, ScheduleFromEnvironment, nnUNetTr
         with self._no_autocast():
             loss = step.total(sup_loss, unsup_loss)
         if self.grad_scaler is not None:
-            # one scaler for all optimizers, as GradScaler supports
+            # one scaler for all optimizers, as GradScaler supports; it skips steps with non-finite gradients
             self.grad_scaler.scale(loss).backward()
+            norms = []
             for network, optimizer in pairs:
                 self.grad_scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
+                norms.append(torch.nn.utils.clip_grad_norm_(network.parameters(), 12))
                 self.grad_scaler.step(optimizer)
             self.grad_scaler.update()
+            self.check_finite(norms, step, sup_loss, unsup_loss)
+            self.after_optimizer_step()
         else:
             loss.backward()
-            for network, optimizer in pairs:
-                torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
-                optimizer.step()
-        self.after_optimizer_step()
+            norms = [torch.nn.utils.clip_grad_norm_(network.parameters(), 12) for network, _ in pairs]
+            # decided on the gradient norm, identical on every DDP rank after the all-reduce, so ranks agree
+            if self.check_finite(norms, step, sup_loss, unsup_loss):
+                for _, optimizer in pairs:
+                    optimizer.step()
+                self.after_optimizer_step()
         self.ssl_step += 1
         self.record_step_stats({"ssl_sup_loss": float(sup_loss.detach()), "ssl_unsup_loss": float(unsup_loss.detach()),
                                 "ssl_lambda": step.lam, **{f"ssl_{k}": float(v) for k, v in stats.items()}})
         return {"loss": loss.detach().cpu().numpy()}
 
-    # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, filename: str) -> None:
-        super().save_checkpoint(filename)
-        if self.local_rank == 0 and not self.disable_checkpointing:
-            add_to_checkpoint(filename, {"ssl_state": self.ssl_state_dict()})
+    # ------------------------------------------------------------------ non-finite steps
+    def check_finite(self, norms: list[torch.Tensor], step: SSLStep, sup_loss: torch.Tensor,
+                     unsup_loss: torch.Tensor) -> bool:
+        """Whether this step's gradients are finite. A non-finite step is skipped (no optimizer step, no EMA
+        update) while ``nnUNet_ssl_skip_nonfinite`` allows it (default 0; with CUDA AMP the GradScaler skips such
+        steps itself and only 100 in a row stop the run); otherwise the run stops with one line naming the step,
+        the loss terms and the last good checkpoint, before NaN reaches the weights or any checkpoint."""
+        if all(bool(torch.isfinite(n)) for n in norms):
+            self._nonfinite_in_a_row = 0
+            return True
+        self._nonfinite_steps = getattr(self, "_nonfinite_steps", 0) + 1
+        self._nonfinite_in_a_row = getattr(self, "_nonfinite_in_a_row", 0) + 1
+        allowed = env_int(ENV_SKIP_NONFINITE, 0) or 0
+        amp = self.grad_scaler is not None
+        if (self._nonfinite_in_a_row <= max(allowed, 99)) if amp else (self._nonfinite_steps <= allowed):
+            self.print_to_log_file(f"step {self.ssl_step}: non-finite gradients, step skipped "
+                                   f"({self._nonfinite_steps} so far)", also_print_to_console=True)
+            return False
+        terms = {"supervised": sup_loss, "unsupervised": unsup_loss,
+                 **{f"constant term {i}": t for i, t in enumerate(step.constant_losses)},
+                 **{f"scheduled term {i}": t for i, t in enumerate(step.scheduled_losses)}}
+        bad = [f"{k} {float(v.detach()):g}" for k, v in terms.items() if not bool(torch.isfinite(v.detach()))]
+        last = [n for n in ("checkpoint_latest.pth", "checkpoint_best.pth")
+                if isfile(join(self.output_folder, n))]
+        raise SSLInputError(
+            f"non-finite loss or gradients at step {self.ssl_step} (epoch {self.current_epoch}): "
+            f"{', '.join(bad) or 'the loss terms are finite, the gradients are not'}; the weights were not updated "
+            f"and no final checkpoint is written; last good checkpoint: "
+            f"{join(self.output_folder, last[0]) if last else 'none yet'}. Check the images for NaN (rerun "
+            f"nnUNetv2_ssl_preprocess_unlabeled, which refuses them) or lower the learning rate; "
+            f"{ENV_SKIP_NONFINITE}=N skips up to N such steps")
 
-    def load_checkpoint(self, filename_or_checkpoint: str) -> None:
-        if not isinstance(filename_or_checkpoint, str):
-            raise TypeError("nnunet-ssl trainers load checkpoints from a path")  # nnU-Net 2.8.1 breaks on dicts
-        super().load_checkpoint(filename_or_checkpoint)
-        checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
+    # ------------------------------------------------------------------ checkpoints
+    def extra_checkpoint_entries(self) -> dict:
+        return {"ssl_state": self.ssl_state_dict()}
+
+    def after_checkpoint_loaded(self, filename: str, checkpoint: dict) -> None:
         ensure_log_keys(self, self.ssl_log_keys())  # checkpoints of older versions may lack keys
         if "ssl_state" in checkpoint:
             self.load_ssl_state_dict(checkpoint["ssl_state"])
             self._ssl_state_restored = True
+        elif env_int(ENV_RESTART_REFERENCE, 0):
+            # the schedule (lambda ramp, EMA warm-up) goes on from the epoch nnU-Net restored
+            self.ssl_step = self.current_epoch * self.num_iterations_per_epoch
+            self.print_to_log_file(f"{filename} has no SSL state; {ENV_RESTART_REFERENCE}=1: the {self.reference_name} "
+                                   f"restarts from the student, the step counter from epoch {self.current_epoch}",
+                                   also_print_to_console=True)
         else:
-            self.print_to_log_file(f"{filename_or_checkpoint} has no SSL state; the reference model restarts from "
-                                   "the student", also_print_to_console=True)
+            raise SSLInputError(
+                f"{filename} has no SSL state ({self.reference_name}, step counter), so --c cannot resume "
+                f"{type(self).__name__} exactly; set {ENV_RESTART_REFERENCE}=1 to restart the {self.reference_name} "
+                "from the student, or train from its weights with -pretrained_weights")
 
     def on_train_end(self) -> None:
         super().on_train_end()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_ssl.trainers.checkpoints import AtomicCheckpoints
 from nnunet_ssl.trainers.environment import ScheduleFromEnvironment
 
 
-class SupervisedBaseline(ScheduleFromEnvironment, nnUNetTrainer):
+class SupervisedBaseline(AtomicCheckpoints, ScheduleFromEnvironment, nnUNetTrainer):
     """Supervised nnUNetTrainer (the baseline at the same label budget), with the package's schedule overrides."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,

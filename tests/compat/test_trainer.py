@@ -9,14 +9,16 @@ from __future__ import annotations
 import torch
 from helpers import make_trainer
 from nnunetv2.training.logging.nnunet_logger import MetaLogger
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 
 from nnunet_ssl.compat.trainer import (
     INFERENCE_KEYS,
-    add_to_checkpoint,
+    atomic_save,
     ensure_log_keys,
     log_history,
     network_swapped,
+    nnunet_checkpoint,
     set_deep_supervision,
     should_compile,
     unwrap,
@@ -70,13 +72,25 @@ def test_trainer_internals(copy_planned, monkeypatch, tmp_path):
     set_deep_supervision(other, False)
     assert isinstance(other(x), torch.Tensor)
 
-    # a checkpoint written by nnU-Net, extended atomically, still loads with nnU-Net's load_checkpoint
+    # nnunet_checkpoint is exactly the dict nnU-Net's own save_checkpoint writes
+    own = tmp_path / "own.pth"
+    nnUNetTrainer.save_checkpoint(trainer, str(own))
+    written = torch.load(own, map_location="cpu", weights_only=False)
+    built = nnunet_checkpoint(trainer)
+    assert set(built) == set(written)
+    for key, value in written.items():
+        if key == "network_weights":
+            assert all(torch.equal(built[key][k].cpu(), v) for k, v in value.items())
+        elif key != "optimizer_state":
+            assert built[key] == value, key
+    assert built["optimizer_state"]["param_groups"] == written["optimizer_state"]["param_groups"]
+
+    # atomic_save: with extra keys, no temporary file left, loadable by nnU-Net's load_checkpoint
     final = tmp_path / "checkpoint_final.pth"
-    trainer.save_checkpoint(str(final))
-    add_to_checkpoint(str(final), {"ssl_state": {"ssl_step": 7}})
+    atomic_save({**built, "ssl_state": {"ssl_step": 7}}, str(final))
     saved = torch.load(final, map_location="cpu", weights_only=False)
-    assert saved["ssl_state"] == {"ssl_step": 7} and not (tmp_path / "checkpoint_final.pth.tmp").exists()
-    trainer.load_checkpoint(str(final))
+    assert saved["ssl_state"] == {"ssl_step": 7} and not list(tmp_path.glob(".*.tmp"))
+    nnUNetTrainer.load_checkpoint(trainer, str(final))
 
     # an extra inference checkpoint has exactly what nnU-Net's predictor reads
     weights = {k: v + 1 if v.is_floating_point() else v for k, v in other.state_dict().items()}

@@ -227,7 +227,21 @@ def _empty_folder(images: Path) -> None:
     images.mkdir()
 
 
+def _truncated_image(images: Path) -> None:
+    data = (images / "unl_000_0000.nii.gz").read_bytes()
+    (images / "unl_009_0000.nii.gz").write_bytes(data[: len(data) // 3])
+
+
+def _image_2d(images: Path) -> None:
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(images / "unl_000_0000.nii.gz"))
+    sitk.WriteImage(img[:, :, 0], str(images / "unl_009_0000.nii.gz"))
+
+
 BAD_INPUTS = {
+    "truncated gzip": (_truncated_image, [], ["unl_009_0000.nii.gz", "truncated"]),
+    "2D image in a 3D dataset": (_image_2d, [], ["unl_009", "is 2D", "3D"]),
     "garbage image": (_garbage, [], ["garbage_0000.nii.gz", "cannot read"]),
     "wrong ending": (_wrong_ending, [], ["unl_009_0000.png", ".nii.gz"]),
     "no channel suffix": (_no_channel_suffix, [], ["unl_009.nii.gz", "_XXXX"]),
@@ -313,3 +327,45 @@ def test_check_collisions_names_each_kind():
     message = str(err.value)
     assert "c (labeled, in splits_final.json)" in message and "d (in splits_final.json)" in message
     assert "e (test (imagesTs))" in message and "a " not in message
+
+
+def test_failed_reprocessing_removes_the_stale_case(planned_env):
+    """An image replaced by a damaged one: the error names it, and its old output is removed (and unrecorded), so
+    no trainer keeps training on an image that no longer exists."""
+    raw, pp = _dirs(planned_env)
+    preprocess_unlabeled(990, ["3d_fullres"], num_processes=1, verbose=False)
+    out = pp / "nnUNetPlans_3d_fullres_unlabeled"
+    images = raw / RAW_UNLABELED_SUBFOLDER
+    assert (out / "unl_000.b2nd").is_file()
+    other = {k: v for k, v in _snapshot(out).items() if "unl_000" not in k and "manifest" not in k}
+    _truncated_image(images)
+    shutil.move(images / "unl_009_0000.nii.gz", images / "unl_000_0000.nii.gz")
+    with pytest.raises(SSLInputError, match="unl_000_0000.nii.gz .*truncated"):
+        preprocess_unlabeled(990, ["3d_fullres"], num_processes=1, verbose=False)
+    assert not any(p.name.startswith("unl_000") for p in out.iterdir())
+    assert "unl_000" not in json.loads((out / ".nnunet_ssl" / "manifest.json").read_text())["cases"]
+    assert {k: v for k, v in _snapshot(out).items() if "manifest" not in k} == other
+
+
+def test_nan_voxels_are_refused_with_the_case_named(planned_env, monkeypatch):
+    """SimpleITK reads NaN in NIfTI files as 0, but other formats (.mha, .nrrd) keep it, and z-scoring then turns
+    the whole image into NaN: the reader is made to return a few NaN voxels for one case."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    raw, pp = _dirs(planned_env)
+    images = raw / RAW_UNLABELED_SUBFOLDER
+    shutil.copy2(images / "unl_000_0000.nii.gz", images / "unl_009_0000.nii.gz")
+    real = SimpleITKIO.read_images
+
+    def with_nan(self, files):
+        data, props = real(self, files)
+        if "unl_009" in files[0]:
+            data = data.copy()
+            data[0, 0, 0, :3] = np.nan
+        return data, props
+
+    monkeypatch.setattr(SimpleITKIO, "read_images", with_nan)
+    with pytest.raises(SSLInputError, match="'unl_009' .*NaN or infinite values"):
+        preprocess_unlabeled(990, ["3d_fullres"], num_processes=1, verbose=False)
+    out = pp / "nnUNetPlans_3d_fullres_unlabeled"
+    assert (out / "unl_000.b2nd").is_file() and not (out / "unl_009.b2nd").exists()

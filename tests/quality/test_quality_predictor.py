@@ -4,6 +4,7 @@ checkpoint, and the nnUNetv2_ssl_train_quality command end to end."""
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 
 import numpy as np
@@ -182,6 +183,25 @@ def test_checkpoint_round_trip_weights_only(tmp_path, monkeypatch):
     mask.requires_grad_(True)
     loaded(image, mask).sum().backward()  # frozen, but still differentiable w.r.t. its input
     assert mask.grad.abs().sum() > 0
+    # damaged files: one line naming the retrain command, never torch's advice to retry with weights_only=False
+    good = path.read_bytes()
+    for damaged in (good[: len(good) // 2], b"garbage", pickle.dumps({"format": "x"})):
+        path.write_bytes(damaged)
+        with pytest.raises(SSLInputError, match="retrain it with nnUNetv2_ssl_train_quality") as e:
+            load_quality_predictor(path)
+        assert "weights_only" not in str(e.value)
+    # a pickle that would run code is refused, not executed
+    path.write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(SSLInputError, match="cannot be read as a quality predictor"):
+        load_quality_predictor(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {os.environ['nnUNet_results']}/pwned",)
 
 
 # ------------------------------------------------------------------------------------------------ command
