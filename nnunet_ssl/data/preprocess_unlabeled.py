@@ -96,6 +96,24 @@ def scan_unlabeled_folder(folder: str, file_ending: str, n_channels: int) -> dic
     return {case_id: [channels[c] for c in expected] for case_id, channels in sorted(channels_by_case.items())}
 
 
+def _check_test_copies(raw_folder: str, file_ending: str, dataset_json: dict, cases: dict[str, list[str]]) -> None:
+    """Refuses an unlabeled image whose decoded voxels equal a test image's (a renamed or re-saved copy)."""
+    from nnunet_ssl.evaluation.leakage import identical_voxels, nnunet_image_reader
+
+    test_folder = os.path.join(raw_folder, "imagesTs")
+    tests = sorted(os.path.join(test_folder, f) for f in os.listdir(test_folder) if f.endswith(file_ending)) \
+        if os.path.isdir(test_folder) else []
+    if not tests:
+        return
+    pairs = identical_voxels(tests, [f for files in cases.values() for f in files],
+                             nnunet_image_reader(dataset_json, tests[0]))
+    if pairs:
+        t, o = pairs[0]
+        raise SSLInputError(f"{RAW_UNLABELED_SUBFOLDER}/{os.path.basename(o)} has the same voxels as test image "
+                            f"imagesTs/{os.path.basename(t)} ({len(pairs)} such pair(s)); remove it from "
+                            f"{RAW_UNLABELED_SUBFOLDER} (never train on test images) and rerun")
+
+
 def _channel_list(channels: Iterable[int]) -> str:
     return ", ".join(f"{c:04d}" for c in channels)
 
@@ -382,6 +400,7 @@ def preprocess_unlabeled(
     split_ids = [i for fold in splits for key in ("train", "val") for i in fold[key]]
     check_collisions(cases, datasets.labeled_case_ids(raw_folder, dataset_json), split_ids,
                      datasets.test_case_ids(raw_folder, file_ending))
+    _check_test_copies(raw_folder, file_ending, dataset_json, cases)
     stats = {case_id: _file_stats(files) for case_id, files in cases.items()}
 
     # ---- process each configuration

@@ -191,6 +191,17 @@ def restore_original_splits(dataset: str | int, verbose: bool = True) -> list[di
     pp_base = datasets.preprocessed_dataset_folder(name)
     backup = os.path.join(pp_base, ORIGINAL_SPLITS_FILE)
     if not os.path.isfile(backup):
+        current = datasets.read_splits(pp_base)
+        if current is not None and written_by_us(current):
+            # the backup was deleted by hand: the budget can still be undone from the current splits
+            splits = _strip_budget(current)
+            _write_json(backup, splits)
+            _write_json(os.path.join(pp_base, SPLITS_FILE), splits)
+            if verbose:
+                print(f"{backup} was missing; restored {SPLITS_FILE} by moving '{SPLITS_UNLABELED_KEY}' back into "
+                      "'train' (and saved that as the backup)")
+                print_table(splits)
+            return splits
         raise SSLInputError(f"{backup} does not exist, so there is nothing to restore; {SPLITS_FILE} was not "
                             "changed by nnUNetv2_ssl_make_splits")
     splits = datasets.load_json_file(backup)

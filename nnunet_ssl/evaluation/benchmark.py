@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nnunet_ssl.data import datasets
-from nnunet_ssl.data.layout import unlabeled_preprocessed_folder
+from nnunet_ssl.data.layout import SPLITS_UNLABELED_KEY, unlabeled_preprocessed_folder
 from nnunet_ssl.errors import SSLInputError
 from nnunet_ssl.evaluation.benchmark_layout import (
     BASELINE,
@@ -292,7 +292,7 @@ def run_benchmark(s: BenchmarkSettings, out: Path, device: str = "cuda", test_im
     """Runs every missing step of the matrix and rewrites the report after each finished run (and the records'
     report, with ``records``). Returns the runs that were to do."""
     from nnunet_ssl.data.splits import original_splits
-    from nnunet_ssl.evaluation.leakage import check_no_leakage
+    from nnunet_ssl.evaluation.leakage import check_no_leakage, nnunet_image_reader
     from nnunet_ssl.evaluation.report import write_report
 
     if records is not None and Path(records).resolve() == Path(out).resolve():
@@ -307,6 +307,11 @@ def run_benchmark(s: BenchmarkSettings, out: Path, device: str = "cuda", test_im
     base, _ = original_splits(str(pp), str(raw))
     if not 0 <= s.fold < len(base):
         raise SSLInputError(f"fold {s.fold} does not exist; the splits have folds 0-{len(base) - 1}")
+    n_train = len(set(base[s.fold]["train"]) | set(base[s.fold].get(SPLITS_UNLABELED_KEY, [])))
+    too_big = [b for b in s.budgets if b > n_train]
+    if too_big:  # refused here, so that --dry-run says it too
+        raise SSLInputError(f"--budgets {' '.join(map(str, too_big))} exceed the {n_train} training cases of fold "
+                            f"{s.fold}; use budgets of at most {n_train}")
     images, labels, ids = test_set(raw, ending, test_images, test_labels, s.test_cases or None)
     unl_folder = unlabeled_preprocessed_folder(str(pp), cm.data_identifier)
     unl_ids = sorted(f[:-5] for f in os.listdir(unl_folder) if f.endswith(".b2nd")) if os.path.isdir(unl_folder) \
@@ -316,7 +321,8 @@ def run_benchmark(s: BenchmarkSettings, out: Path, device: str = "cuda", test_im
     # the union over folds covers every labeled case; the fold entry adds its unlabeled list below
     everything = {"train": sorted({c for f in base for c in f["train"]}), "val": sorted({c for f in base for c in
                                                                                          f["val"]})}
-    check_no_leakage(ids, image_files, everything, str(raw), unl_ids, ending, compare_files=compare_files)
+    read = nnunet_image_reader(dataset_json, image_files[0]) if compare_files and image_files else None
+    check_no_leakage(ids, image_files, everything, str(raw), unl_ids, ending, compare_files=compare_files, read=read)
     s.test_cases = ids
     runs = run_matrix(s)
     if records is not None:  # refused before anything is written

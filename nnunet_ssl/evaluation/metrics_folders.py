@@ -9,6 +9,7 @@ Definitions, units and the empty-mask convention: :mod:`nnunet_ssl.evaluation.me
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,6 +198,12 @@ def evaluate_folders(
     if classes is None:
         classes = {lab: f"label_{lab}" for lab in ref_union}
     pred_only = sorted({lab for res in results for lab in res["pred_labels"]} - set(classes))
+    if pred_only:
+        affected = [res["case"] for res in results if set(res["pred_labels"]) & set(pred_only)]
+        print(f"nnunet-ssl: warning: predictions of {len(affected)} case(s) (first: {affected[0]}) contain labels "
+              f"{pred_only} that {'the dataset.json' if dataset_json is not None else 'no reference'} does not "
+              "define; no score counts them (check that the predictions belong to this dataset)",
+              file=sys.stderr, flush=True)
     not_in_classes = sorted(set(ref_union) - set(classes))
     if not_in_classes:
         raise SSLInputError(f"references contain labels {not_in_classes} that the dataset.json does not define: pass "

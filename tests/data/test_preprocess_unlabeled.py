@@ -239,7 +239,18 @@ def _image_2d(images: Path) -> None:
     sitk.WriteImage(img[:, :, 0], str(images / "unl_009_0000.nii.gz"))
 
 
+def _recompressed_test_image(images: Path) -> None:
+    import gzip
+
+    test = (images.parent / "imagesTs" / "test_001_0000.nii.gz").read_bytes()
+    copy = gzip.compress(gzip.decompress(test), compresslevel=1, mtime=12345)
+    assert copy != test
+    (images / "unl_009_0000.nii.gz").write_bytes(copy)
+
+
 BAD_INPUTS = {
+    "recompressed test image": (_recompressed_test_image, [], ["unl_009_0000.nii.gz", "same voxels",
+                                                               "test_001_0000.nii.gz"]),
     "truncated gzip": (_truncated_image, [], ["unl_009_0000.nii.gz", "truncated"]),
     "2D image in a 3D dataset": (_image_2d, [], ["unl_009", "is 2D", "3D"]),
     "garbage image": (_garbage, [], ["garbage_0000.nii.gz", "cannot read"]),

@@ -186,6 +186,12 @@ def test_cli_keeps_backup_of_existing_splits(copy_planned):
     run_cli(["nnUNetv2_ssl_make_splits", "-d", "990", "--num-labeled", "4"], env=env)
     assert [set(f["train"]) for f in _read(backup)] == [set(f["train"]) for f in custom]
     assert [len(f["train"]) for f in _read(base_dir / "splits_final.json")] == [4, 4]
+    # --restore without the backup undoes the budget from our own splits instead of claiming nothing changed
+    backup.unlink()
+    proc = run_cli(["nnUNetv2_ssl_make_splits", "-d", "990", "--restore"], env=env)
+    assert "was missing" in proc.stdout
+    assert [set(f["train"]) for f in _read(base_dir / "splits_final.json")] == [set(f["train"]) for f in custom]
+    assert all(UNL not in f or not f[UNL] for f in _read(base_dir / "splits_final.json"))
 
 
 @pytest.mark.parametrize("args", [

@@ -76,7 +76,8 @@ def _bench_args(out: Path, *extra: str) -> list[str]:
             "--iterations-per-epoch", "2", "--val-iterations", "1", "-device", "cpu", *extra]
 
 
-@pytest.mark.parametrize("leak", ["copy_in_imagesTr", "id_in_imagesUnlabeled", "id_in_splits"])
+@pytest.mark.parametrize("leak", ["copy_in_imagesTr", "recompressed_in_imagesTr", "id_in_imagesUnlabeled",
+                                  "id_in_splits"])
 def test_benchmark_refuses_test_cases_in_training_data(leak, copy_planned, monkeypatch, capsys, tmp_path):
     root, ds = copy_planned["root"], copy_planned["dataset"]
     _use(root, monkeypatch)
@@ -84,6 +85,14 @@ def test_benchmark_refuses_test_cases_in_training_data(leak, copy_planned, monke
     if leak == "copy_in_imagesTr":
         shutil.copy(raw / "imagesTs" / "test_001_0000.nii.gz", raw / "imagesTr" / "renamed_900_0000.nii.gz")
         expected = "byte-identical"
+    elif leak == "recompressed_in_imagesTr":
+        import gzip
+
+        test = (raw / "imagesTs" / "test_001_0000.nii.gz").read_bytes()
+        copy = gzip.compress(gzip.decompress(test), compresslevel=1, mtime=12345)
+        assert copy != test
+        (raw / "imagesTr" / "renamed_900_0000.nii.gz").write_bytes(copy)
+        expected = "same voxels"
     elif leak == "id_in_imagesUnlabeled":
         shutil.copy(raw / "imagesTr" / "case_000_0000.nii.gz", raw / "imagesUnlabeled" / "test_000_0000.nii.gz")
         expected = "imagesUnlabeled"
@@ -102,6 +111,17 @@ def test_benchmark_refuses_test_cases_in_training_data(leak, copy_planned, monke
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "refusing to benchmark" in err[0] and expected in err[0], err
     assert not (out / "runs").exists()
+
+
+def test_budget_larger_than_the_fold_is_refused_even_in_a_dry_run(copy_planned, monkeypatch, capsys, tmp_path):
+    _use(copy_planned["root"], monkeypatch)
+    out = tmp_path / "bench"
+    args = _bench_args(out, "--dry-run")
+    args[args.index("--budgets") + 1] = "40"
+    assert benchmark_cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--budgets 40 exceed the" in err[0] and "fold 0" in err[0], err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("where", ["work_folder", "records"])

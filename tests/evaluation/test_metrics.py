@@ -248,6 +248,19 @@ def test_dataset_json_names_voxel_units_and_case_ids(folders):
     assert res.rows[2]["dice"] == 1.0  # a class absent from reference and prediction
     assert res.summary["settings"]["unit"] == "vox" and res.summary["num_cases"] == 1
 
+
+def test_prediction_labels_the_dataset_does_not_define_are_warned_about(folders, capsys):
+    dj = folders["root"] / "dataset.json"
+    dj.write_text(json.dumps({"labels": {"background": 0, "hippo": 1, "tail": 2}, "file_ending": ".nii.gz"}))
+    pred = cube(2)
+    pred[0, 0, :2] = 7
+    write_nifti(folders["pred"] / "case_a.nii.gz", pred, SPACING)
+    res = evaluate_folders(folders["ref"], folders["pred"], None, dataset_json=dj)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "nnunet-ssl" in ln]  # beside the progress bar
+    assert len(err) == 1 and "warning" in err[0] and "[7]" in err[0] and "case_a" in err[0]
+    assert res.summary["settings"]["labels_only_in_predictions"] == [7] and res.summary["num_cases"] == 2
+    assert {r["class_id"] for r in res.rows} == {1, 2}
+
     with pytest.raises(SSLInputError, match="no reference"):
         evaluate_folders(folders["ref"], folders["pred"], case_ids=["case_zz"])
 
