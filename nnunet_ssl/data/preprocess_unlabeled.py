@@ -176,6 +176,19 @@ def _load_manifest(meta_folder: str, name: str = MANIFEST_FILE) -> dict[str, Any
     return {"format": MANIFEST_FORMAT, "cases": {}}
 
 
+def recorded_cases(out_folder: str) -> set[str] | None:
+    """The cases whose preprocessing finished and matches their images, as the manifests (the unsharded one and any
+    parts) record them; None for a folder without manifest (made by an older version)."""
+    meta_folder = os.path.join(out_folder, META_SUBFOLDER)
+    if not os.path.isdir(meta_folder):
+        return None
+    names = [n for n in os.listdir(meta_folder) if n == MANIFEST_FILE or (n.startswith("manifest.part")
+                                                                           and n.endswith(".json"))]
+    if not names:
+        return None
+    return {c for n in names for c in _load_manifest(meta_folder, n)["cases"]}
+
+
 def _merge_part_manifests(meta_folder: str, manifest: dict) -> list[str]:
     """Adds the cases recorded by sharded runs (``manifest.part<k>of<n>.json``) to ``manifest``; returns their
     files."""

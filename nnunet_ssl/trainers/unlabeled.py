@@ -12,6 +12,7 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from torch import distributed as dist
 
 from nnunet_ssl.data.layout import RAW_UNLABELED_SUBFOLDER, SPLITS_UNLABELED_KEY, unlabeled_preprocessed_folder
+from nnunet_ssl.data.preprocess_unlabeled import recorded_cases
 from nnunet_ssl.data.unlabeled_loader import (
     UnlabeledMultiViewLoader,
     UnlabeledPool,
@@ -58,6 +59,14 @@ class UnlabeledData:
                                                     self.configuration_manager.data_identifier)
         if isdir(real_folder):
             real_ids = sorted(nnUNetDatasetBlosc2.get_identifiers(real_folder))
+            recorded = recorded_cases(real_folder)
+            if recorded is not None and set(real_ids) - recorded:
+                # a case whose (re)processing failed or never finished: its files may be stale
+                stale = sorted(set(real_ids) - recorded)
+                self.print_to_log_file(f"unlabeled cases {stale[:5]} ({len(stale)} in all) are in {real_folder} "
+                                       "but not in its manifest; left out (rerun nnUNetv2_ssl_preprocess_unlabeled)",
+                                       also_print_to_console=True)
+                real_ids = [i for i in real_ids if i in recorded]
             clash = sorted(set(real_ids) & labeled)
             if clash:
                 raise SSLInputError(

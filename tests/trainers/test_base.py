@@ -202,3 +202,27 @@ def test_bad_snapshot_variable_is_one_clear_error(copy_planned, monkeypatch):
     monkeypatch.setenv("nnUNet_ssl_snapshots", "1")
     with pytest.raises(SSLInputError, match="nnUNet_ssl_snapshots='1' must be an integer >= 2"):
         make_trainer(nnUNetTrainerSupervised, copy_planned["root"], copy_planned["dataset"], monkeypatch)
+
+
+def test_unlabeled_cases_missing_from_the_manifest_are_left_out(copy_planned, monkeypatch):
+    """A preprocessed unlabeled case that its manifest does not record (its re-processing failed or never finished)
+    is not trained on; a folder of an older version without manifest is listed as before."""
+    import json
+
+    from nnunet_ssl.data.preprocess_unlabeled import preprocess_unlabeled
+
+    budget_split(copy_planned)
+    for name in ("raw", "preprocessed", "results"):
+        monkeypatch.setenv(f"nnUNet_{name}", str(copy_planned["root"] / name))
+    preprocess_unlabeled(990, ["3d_fullres"], num_processes=1, verbose=False)
+    folder = copy_planned["root"] / "preprocessed" / copy_planned["dataset"] / "nnUNetPlans_3d_fullres_unlabeled"
+    manifest_file = folder / ".nnunet_ssl" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    real = sorted(manifest["cases"])
+    del manifest["cases"][real[0]]
+    manifest_file.write_text(json.dumps(manifest))
+    trainer = make_trainer(nnUNetTrainerMeanTeacher, copy_planned["root"], copy_planned["dataset"], monkeypatch)
+    trainer.initialize()
+    assert trainer.unlabeled_sources()[0] == (str(folder), real[1:])
+    shutil.rmtree(folder / ".nnunet_ssl")
+    assert trainer.unlabeled_sources()[0] == (str(folder), real)

@@ -16,6 +16,8 @@ from nnunet_ssl.compat.trainer import nnunet_checkpoint, unwrap
 from nnunet_ssl.errors import SSLInputError
 from nnunet_ssl.trainers import nnUNetTrainerMeanTeacher, nnUNetTrainerSupervised
 
+pytestmark = pytest.mark.faults
+
 # a child process that overwrites CKPT with atomic_save and is killed (SIGKILL) at the given phase
 KILLER = textwrap.dedent("""
     import os, signal, sys, torch
