@@ -52,6 +52,8 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_old_file(tmp_path, phase):
     assert done.returncode == -9, done.stderr
     assert _sha(ckpt) == before
     assert torch.load(ckpt, weights_only=False)["old"] is True
+    if phase != "rename":
+        return
     # without a kill the new file replaces it whole
     done = subprocess.run([sys.executable, "-c", KILLER, str(ckpt), "none"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
