@@ -86,13 +86,14 @@ def identical_voxels(test_files: Sequence[str], other_files: Iterable[str],
     test_shapes = {f: header_shape(f) for f in test_files}
     known = {s for s in test_shapes.values() if s is not None}
     unknown = any(s is None for s in test_shapes.values())
-    test_digest: dict[str, str] = {}
+    test_digest: dict[str, str | None] = {}
     pairs = []
     for other in other_files:
         shape = header_shape(other)
         if shape is not None and shape not in known and not unknown:
             continue
-        digest = None
+        digest: str | None = None
+        decoded = False  # an unreadable file is tried once, not once per test image
         for t, t_shape in test_shapes.items():
             if shape is not None and t_shape is not None and shape != t_shape:
                 continue
@@ -100,7 +101,8 @@ def identical_voxels(test_files: Sequence[str], other_files: Iterable[str],
                 continue
             if t not in test_digest:
                 test_digest[t] = voxel_digest(t, read)
-            digest = digest or voxel_digest(other, read)
+            if not decoded:
+                digest, decoded = voxel_digest(other, read), True
             if digest is not None and test_digest[t] == digest:
                 pairs.append((t, other))
     return pairs

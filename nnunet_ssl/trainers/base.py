@@ -98,6 +98,9 @@ class nnUNetTrainerSSL(UnlabeledData, SSLLogs, AtomicCheckpoints, ScheduleFromEn
                                 "datasets are not supported, use nnUNetTrainerMeanTeacher")
         self.apply_environment()
         self.ssl_step = 0
+        self._nonfinite_steps = 0  # all skipped steps, and those in a row (AMP), for check_finite
+        self._nonfinite_in_a_row = 0
+        self.partially_labeled_ids: list[str] = []
         self.dataloader_unlabeled = None
         self.unlabeled_batch_size_per_rank: int | None = None
         self._ssl_state_restored = False
@@ -279,8 +282,8 @@ class nnUNetTrainerSSL(UnlabeledData, SSLLogs, AtomicCheckpoints, ScheduleFromEn
         if all(bool(torch.isfinite(n)) for n in norms):
             self._nonfinite_in_a_row = 0
             return True
-        self._nonfinite_steps = getattr(self, "_nonfinite_steps", 0) + 1
-        self._nonfinite_in_a_row = getattr(self, "_nonfinite_in_a_row", 0) + 1
+        self._nonfinite_steps += 1
+        self._nonfinite_in_a_row += 1
         allowed = env_int(ENV_SKIP_NONFINITE, 0) or 0
         amp = self.grad_scaler is not None
         if (self._nonfinite_in_a_row <= max(allowed, 99)) if amp else (self._nonfinite_steps <= allowed):

@@ -159,7 +159,7 @@ class UnlabeledData:
         loader = UnlabeledMultiViewLoader(pool, self.unlabeled_batch_size_per_rank, initial_patch_size,
                                           self.configuration_manager.patch_size, self.label_manager, geometric,
                                           intensity, self.view_intensity)
-        partial = len(getattr(self, "partially_labeled_ids", []))
+        partial = len(self.partially_labeled_ids)
         among = f" ({partial} of them partially labeled training cases)" if partial else ""
         self.print_to_log_file(f"unlabeled pool: {len(pool)} cases{among}, {self.unlabeled_batch_size_per_rank} per "
                                "step and rank", also_print_to_console=True)
