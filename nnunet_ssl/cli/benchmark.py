@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--test-labels", type=Path, default=None, help="default nnUNet_raw/<dataset>/labelsTs")
     p.add_argument("--test-cases", nargs="+", default=None, metavar="ID", help="only these test cases")
     p.add_argument("--nsd-tolerance", type=float, default=1.0, help="NSD tolerance in mm (default 1)")
+    p.add_argument("--groups", default="", metavar="JSON",
+                   help="case id -> group (e.g. PSFHS's frame_runs.json): the fold's train/val and each budget's "
+                   "labeled/unlabeled cases keep every group on one side")
     p.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"))
     p.add_argument("--no-file-check", action="store_true",
                    help="skip the byte-identical image check between test and training files")
@@ -73,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               budgets=sorted(set(a.budgets)), seeds=list(dict.fromkeys(a.seeds)), full=a.full,
                               epochs=a.epochs, iterations_per_epoch=a.iterations_per_epoch,
                               val_iterations=a.val_iterations, test_cases=list(a.test_cases or []),
-                              nsd_tolerance_mm=a.nsd_tolerance, offline_rounds=a.offline_rounds)
+                              nsd_tolerance_mm=a.nsd_tolerance, offline_rounds=a.offline_rounds, groups=a.groups)
         records = a.records.resolve() if a.records is not None else None
         run_benchmark(s, out, a.device, a.test_images, a.test_labels, a.dry_run, not a.no_file_check, records)
 

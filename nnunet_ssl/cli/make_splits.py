@@ -21,6 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fraction", type=float, default=None, metavar="F",
                    help="fraction of each fold's training cases kept labeled, in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="seed of the random choice of labeled cases (default 0)")
+    p.add_argument("--groups", default=None, metavar="JSON",
+                   help="case id -> group (e.g. frames of one ultrasound sweep): folds and the labeled/unlabeled "
+                   "choice keep each group on one side; the group the budget cuts leaves its other cases out")
     p.add_argument("--restore", action="store_true", help="write the original splits back and exit")
     sparse = p.add_argument_group("simulated sparse annotation (a new dataset; the source is only read)")
     sparse.add_argument("--sparse-slices", type=int, default=None, metavar="K",
@@ -50,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise SSLInputError("--restore takes no budget; drop --num-labeled/--fraction")
             restore_original_splits(args.d)
         else:
-            make_label_budget_splits(args.d, num_labeled=args.num_labeled, fraction=args.fraction, seed=args.seed)
+            make_label_budget_splits(args.d, num_labeled=args.num_labeled, fraction=args.fraction, seed=args.seed,
+                                     groups_file=args.groups)
 
     return exit_code_of(command)
 

@@ -29,6 +29,65 @@ SPLITS_FILE = datasets.SPLITS_FILE
 ORIGINAL_SPLITS_FILE = "splits_final.original.json"
 #: key of each fold entry recording the budget we applied; also marks a splits file as written by us
 BUDGET_KEY = "ssl_budget"
+#: training cases of the group that the budget cut: neither labeled nor unlabeled, so no group is on both sides
+EXCLUDED_KEY = "excluded_same_group"
+
+
+def load_groups(path: str | os.PathLike) -> dict[str, str]:
+    """A JSON object case id -> group (e.g. PSFHS's ``frame_runs.json``: frames of one sweep share a group)."""
+    try:
+        with open(path) as f:
+            groups = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SSLInputError(f"cannot read the groups file {path} ({e}); give a JSON object case id -> group") from None
+    if not isinstance(groups, dict) or not groups:
+        raise SSLInputError(f"the groups file {path} must be a non-empty JSON object case id -> group")
+    return {str(k): str(v) for k, v in groups.items()}
+
+
+def group_of(case_ids: Sequence[str], groups: dict[str, str]) -> dict[str, str]:
+    """Each case's group; a case the file does not name is a group of its own. Refuses a file that names none of
+    the cases (probably another dataset's)."""
+    if not any(c in groups for c in case_ids):
+        raise SSLInputError(f"the groups file names none of the {len(case_ids)} training cases (e.g. "
+                            f"{case_ids[0] if case_ids else '-'}); give the file of this dataset")
+    return {c: groups.get(c, f"case:{c}") for c in case_ids}
+
+
+def grouped_crossval_split(case_ids: Sequence[str], groups: dict[str, str], n_splits: int = 5,
+                           seed: int = 12345) -> list[dict]:
+    """nnU-Net's 5-fold split, with whole groups per fold (scikit-learn's ``GroupKFold``, shuffled with nnU-Net's
+    seed 12345): no group has cases on both sides of any fold's train/val."""
+    from sklearn.model_selection import GroupKFold
+
+    ids = sorted(map(str, case_ids))
+    of = group_of(ids, groups)
+    if len(set(of.values())) < n_splits:
+        raise SSLInputError(f"only {len(set(of.values()))} groups; a grouped {n_splits}-fold split needs at least "
+                            f"{n_splits}")
+    folds = GroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(ids, groups=[of[i] for i in ids])
+    return [{"train": sorted(ids[j] for j in tr), "val": sorted(ids[j] for j in va)} for tr, va in folds]
+
+
+def groups_split_across(splits: Sequence[dict], groups: dict[str, str]) -> list[tuple[int, str]]:
+    """(fold, group) pairs whose cases sit on both sides of a fold's train (+ unlabeled) and val."""
+    out = []
+    for i, fold in enumerate(splits):
+        train = set(fold["train"]) | set(fold.get(SPLITS_UNLABELED_KEY, [])) | set(fold.get(EXCLUDED_KEY, []))
+        train_groups = {groups.get(c, f"case:{c}") for c in train}
+        out += [(i, g) for g in sorted({groups.get(c, f"case:{c}") for c in fold["val"]} & train_groups)]
+    return out
+
+
+def grouped_base(base: Sequence[dict], groups: dict[str, str]) -> tuple[list[dict], str | None]:
+    """``base`` if no group straddles a fold's train and val, else a grouped 5-fold split of the same cases (and a
+    note saying so)."""
+    if not groups_split_across(base, groups):
+        return [dict(f) for f in base], None
+    ids = sorted({c for f in base for c in [*f["train"], *f.get(SPLITS_UNLABELED_KEY, []), *f["val"]]})
+    split = grouped_crossval_split(ids, groups, n_splits=len(base))
+    return split, (f"the original folds put cases of one group on both sides of train and val; using a grouped "
+                   f"{len(base)}-fold split of the same {len(ids)} cases instead")
 
 
 def _labeled_count(n_train: int, num_labeled: int | None, fraction: float | None) -> int:
@@ -55,6 +114,7 @@ def budget_splits(
     num_labeled: int | None = None,
     fraction: float | None = None,
     seed: int = 0,
+    groups: dict[str, str] | None = None,
 ) -> list[dict]:
     """Applies a label budget to every fold of ``base_splits`` (pure; nothing is read or written).
 
@@ -64,13 +124,19 @@ def budget_splits(
     ``unlabeled`` (sorted). Because the order depends only on (seed, fold), a smaller budget is a subset of a larger
     one for the same seed. ``val`` and any other keys are kept. ``fraction`` F gives N = max(1, round(F * #train))
     per fold, rounding halves up.
+
+    With ``groups`` (case -> group), the order is by group instead: the fold's groups are shuffled with the same
+    generator, their cases sorted within each group, and the first N labeled. The group that the budget cuts gives
+    its remaining cases to ``excluded_same_group`` (neither labeled nor unlabeled), so no group has cases both
+    labeled and unlabeled; a smaller budget is still a subset of a larger one.
     """
     _check_budget_args(num_labeled, fraction, seed)
     if not base_splits:
         raise SSLInputError("the base splits have no folds; delete splits_final.json so it is regenerated")
     out = []
     for i, fold in enumerate(base_splits):
-        candidates = sorted(set(map(str, fold["train"])) | set(map(str, fold.get(SPLITS_UNLABELED_KEY, []))))
+        candidates = sorted(set(map(str, fold["train"])) | set(map(str, fold.get(SPLITS_UNLABELED_KEY, [])))
+                            | set(map(str, fold.get(EXCLUDED_KEY, []))))
         n = _labeled_count(len(candidates), num_labeled, fraction)
         if n > len(candidates):
             most = min(len(set(f["train"]) | set(f.get(SPLITS_UNLABELED_KEY, []))) for f in base_splits)
@@ -78,13 +144,26 @@ def budget_splits(
                 f"--num-labeled {n} is more than the {len(candidates)} training cases of fold {i}; "
                 f"the maximum is {most}"
             )
-        order = np.random.default_rng([int(seed), i]).permutation(len(candidates))
-        keep = {candidates[j] for j in order[:n]}
+        excluded: set[str] = set()
+        if groups is None:
+            order = np.random.default_rng([int(seed), i]).permutation(len(candidates))
+            keep = {candidates[j] for j in order[:n]}
+        else:
+            of = group_of(candidates, groups)
+            names = sorted(set(of.values()))
+            ordered = [c for j in np.random.default_rng([int(seed), i]).permutation(len(names))
+                       for c in candidates if of[c] == names[j]]
+            keep = set(ordered[:n])
+            cut = {of[c] for c in keep}
+            excluded = {c for c in ordered[n:] if of[c] in cut}
         entry = dict(fold)
         entry["train"] = [c for c in candidates if c in keep]
         entry["val"] = list(fold["val"])
-        entry[SPLITS_UNLABELED_KEY] = [c for c in candidates if c not in keep]
+        entry[SPLITS_UNLABELED_KEY] = [c for c in candidates if c not in keep and c not in excluded]
         entry[BUDGET_KEY] = {"num_labeled": n, "seed": int(seed), "fraction": fraction}
+        if groups is not None:
+            entry[BUDGET_KEY]["grouped"] = True
+            entry[EXCLUDED_KEY] = sorted(excluded)
         out.append(entry)
     return out
 
@@ -97,8 +176,9 @@ def _strip_budget(splits: Sequence[dict]) -> list[dict]:
     """Undoes a budget when the backup is gone: train = train + unlabeled, our keys dropped."""
     out = []
     for fold in splits:
-        entry = {k: v for k, v in fold.items() if k not in (BUDGET_KEY, SPLITS_UNLABELED_KEY)}
-        entry["train"] = sorted(set(fold["train"]) | set(fold.get(SPLITS_UNLABELED_KEY, [])))
+        entry = {k: v for k, v in fold.items() if k not in (BUDGET_KEY, SPLITS_UNLABELED_KEY, EXCLUDED_KEY)}
+        entry["train"] = sorted(set(fold["train"]) | set(fold.get(SPLITS_UNLABELED_KEY, []))
+                                | set(fold.get(EXCLUDED_KEY, [])))
         out.append(entry)
     return out
 
@@ -164,17 +244,27 @@ def make_label_budget_splits(
     fraction: float | None = None,
     seed: int = 0,
     verbose: bool = True,
+    groups_file: str | os.PathLike | None = None,
 ) -> list[dict]:
-    """Writes a label-budget ``splits_final.json`` for ``dataset`` (see ``budget_splits``) and returns it."""
+    """Writes a label-budget ``splits_final.json`` for ``dataset`` (see ``budget_splits``) and returns it. With a
+    groups file, folds whose train and val share a group are replaced by a grouped split first
+    (:func:`grouped_base`), and the budget takes whole groups."""
     _check_budget_args(num_labeled, fraction, seed)
     pp_base, raw = _dataset_folders(dataset)
     base, backup_note = original_splits(pp_base, raw)
+    groups = load_groups(groups_file) if groups_file is not None else None
+    regrouped_note = None
+    budget_base = base
+    if groups is not None:
+        budget_base, regrouped_note = grouped_base(base, groups)
     # budget first: a budget that does not fit raises before anything is written
-    splits = budget_splits(base, num_labeled=num_labeled, fraction=fraction, seed=seed)
+    splits = budget_splits(budget_base, num_labeled=num_labeled, fraction=fraction, seed=seed, groups=groups)
     if backup_note is not None:
         _write_json(os.path.join(pp_base, ORIGINAL_SPLITS_FILE), base)
         if verbose:
             print(backup_note)
+    if verbose and regrouped_note is not None:
+        print(regrouped_note)
     path = os.path.join(pp_base, SPLITS_FILE)
     _write_json(path, splits)
     if verbose:
@@ -213,6 +303,8 @@ def restore_original_splits(dataset: str | int, verbose: bool = True) -> list[di
 
 
 def print_table(splits: Sequence[dict]) -> None:
-    print(f"{'fold':>4}  {'labeled':>8}  {'unlabeled':>9}  {'val':>5}")
+    grouped = any(EXCLUDED_KEY in fold for fold in splits)
+    print(f"{'fold':>4}  {'labeled':>8}  {'unlabeled':>9}  {'val':>5}" + ("  excluded (cut group)" if grouped else ""))
     for i, fold in enumerate(splits):
-        print(f"{i:>4}  {len(fold['train']):>8}  {len(fold.get(SPLITS_UNLABELED_KEY, [])):>9}  {len(fold['val']):>5}")
+        print(f"{i:>4}  {len(fold['train']):>8}  {len(fold.get(SPLITS_UNLABELED_KEY, [])):>9}  {len(fold['val']):>5}"
+              + (f"  {len(fold.get(EXCLUDED_KEY, [])):>8}" if grouped else ""))

@@ -8,6 +8,7 @@ independent draw of the intensity part. Label-only transforms are dropped: unlab
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 
@@ -18,6 +19,8 @@ from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform, ImageOnlyTransform, SegOnlyTransform
+from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
+from batchgeneratorsv2.transforms.intensity.contrast import BGContrast, ContrastTransform
 from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
 from batchgeneratorsv2.transforms.spatial.rot90 import Rot90Transform
 from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
@@ -79,6 +82,45 @@ def split_transforms(pipeline: BasicTransform) -> tuple[ComposeTransforms, Compo
     return ComposeTransforms(geometric), ComposeTransforms(intensity)
 
 
+#: the strong view's extra brightness and contrast: UniMatch's ColorJitter(brightness=0.5, contrast=0.5) at p = 0.8
+STRONG_JITTER_RANGE = (0.5, 1.5)
+STRONG_JITTER_PROBABILITY = 0.8
+
+
+class StrongIntensity:
+    """FixMatch's strong view from nnU-Net's intensity transforms: never the unchanged image.
+
+    nnU-Net draws each intensity transform with its own probability (0.1-0.3), so about a third of the views it
+    makes are bit-identical to the input (measured on 2,000 draws). Here each of them fires with probability at
+    least ``min_probability``, a brightness and contrast jitter of UniMatch's strength (factors in [0.5, 1.5], both
+    at p = 0.8, as its ColorJitter(0.5, 0.5)) is added, and when a draw still leaves the image unchanged (a
+    transform that fired on no channel, or none fired) one transform, chosen at random, is applied until the image
+    changes (at most ``retries`` draws). Called like a batchgeneratorsv2 transform: ``t(image=x)["image"]``."""
+
+    def __init__(self, intensity: ComposeTransforms, min_probability: float = 0.5, retries: int = 8) -> None:
+        self.transforms: list[BasicTransform] = []
+        for t in copy.deepcopy(intensity.transforms):
+            if isinstance(t, RandomTransform):
+                t.apply_probability = max(t.apply_probability, min_probability)
+            self.transforms.append(t)
+        for jitter in (MultiplicativeBrightnessTransform(BGContrast(STRONG_JITTER_RANGE), False, 1),
+                       ContrastTransform(BGContrast(STRONG_JITTER_RANGE), True, False, 1)):
+            self.transforms.append(RandomTransform(jitter, STRONG_JITTER_PROBABILITY))
+        self.retries = retries
+
+    def __call__(self, **data: torch.Tensor) -> dict:
+        original = data["image"]
+        out = {"image": original.clone()}
+        for t in self.transforms:
+            out = t(**out)
+        for _ in range(self.retries):
+            if not torch.equal(out["image"], original):
+                break
+            t = self.transforms[int(torch.randint(len(self.transforms), (1,)))]
+            out = (t.transform if isinstance(t, RandomTransform) else t)(image=out["image"])
+        return out
+
+
 class UnlabeledPool:
     """Image-only access to preprocessed cases from several folders. It never opens a segmentation or
     properties file, so the labels of label-budget 'unlabeled' cases are never read."""
@@ -111,19 +153,24 @@ class UnlabeledMultiViewLoader(nnUNetDataLoader):
     """Random patches (no foreground oversampling: there are no labels) from an :class:`UnlabeledPool`,
     each returned as ``len(view_intensity)`` aligned views.
 
-    ``view_intensity[i]`` says whether view i gets its own draw of the intensity augmentation (True) or only the
-    shared geometric augmentation (False, e.g. FixMatch's weak view). A batch is
-    ``{'view0': (B, C, *patch), 'view1': ..., 'keys': ids}``."""
+    ``view_intensity[i]`` says whether view i gets its own draw of the intensity augmentation (True), a strong
+    one that always changes the image (``"strong"``, :class:`StrongIntensity`), or only the shared geometric
+    augmentation (False, e.g. FixMatch's weak view). A batch is ``{'view0': (B, C, *patch), 'view1': ..., 'keys':
+    ids}``."""
 
     def __init__(self, pool: UnlabeledPool, batch_size: int, patch_size: Sequence[int],
                  final_patch_size: Sequence[int], label_manager: LabelManager, geometric: BasicTransform,
-                 intensity: BasicTransform, view_intensity: Sequence[bool] = (True, True)) -> None:
+                 intensity: BasicTransform, view_intensity: Sequence[bool | str] = (True, True)) -> None:
         super().__init__(pool, batch_size, patch_size, final_patch_size, label_manager,
                          oversample_foreground_percent=0.0, transforms=None)
         self.has_ignore = False  # random crops only; never consult class_locations
         self.geometric = geometric
         self.intensity = intensity
-        self.view_intensity = tuple(bool(v) for v in view_intensity)
+        for v in view_intensity:
+            if not isinstance(v, bool) and v != "strong":
+                raise SSLInputError(f"view_intensity entries are True, False or 'strong', got {v!r}")
+        self.view_intensity = tuple(view_intensity)
+        self.strong = StrongIntensity(intensity) if "strong" in self.view_intensity else None
 
     def generate_train_batch(self) -> dict:
         keys = self.get_indices()
@@ -137,7 +184,8 @@ class UnlabeledMultiViewLoader(nnUNetDataLoader):
                 if self.patch_size_was_2d:
                     patch = patch[:, 0]
                 patch = self.geometric(image=patch)["image"]
-                samples = [self.intensity(image=patch.clone())["image"] if aug else patch.clone()
+                samples = [self.strong(image=patch)["image"] if aug == "strong"
+                           else self.intensity(image=patch.clone())["image"] if aug else patch.clone()
                            for aug in self.view_intensity]
                 if views is None:
                     views = [torch.empty((self.batch_size, *s.shape), dtype=torch.float32) for s in samples]

@@ -86,7 +86,8 @@ def prepare_workspace(paths: Paths, real_pp_dataset: Path, dataset: str, splits:
     paths.logs.mkdir(parents=True, exist_ok=True)
 
 
-def splits_for(base: list[dict], budget: str, seed: int, fold: int) -> list[dict]:
+def splits_for(base: list[dict], budget: str, seed: int, fold: int,
+               groups: dict[str, str] | None = None) -> list[dict]:
     from nnunet_ssl.data.splits import budget_splits
 
     if budget == FULL:
@@ -94,7 +95,7 @@ def splits_for(base: list[dict], budget: str, seed: int, fold: int) -> list[dict
     n = int(budget)
     if n > len(base[fold]["train"]):
         raise SSLInputError(f"--budgets {n} is more than the {len(base[fold]['train'])} training cases of fold {fold}")
-    return budget_splits(base, num_labeled=n, seed=seed)
+    return budget_splits(base, num_labeled=n, seed=seed, groups=groups)
 
 
 def test_set(raw_dataset: Path, file_ending: str, images: Path | None, labels: Path | None,
@@ -305,6 +306,15 @@ def run_benchmark(s: BenchmarkSettings, out: Path, device: str = "cuda", test_im
     cm = datasets.load_configuration(datasets.load_plans(str(pp), s.plans), s.configuration)
     check_trainers(s.trainers)
     base, _ = original_splits(str(pp), str(raw))
+    groups = None
+    if s.groups:
+        from nnunet_ssl.data.splits import grouped_base, load_groups
+
+        s.groups = str(Path(s.groups).resolve())
+        groups = load_groups(s.groups)
+        base, note = grouped_base(base, groups)
+        if note:
+            print(note, flush=True)
     if not 0 <= s.fold < len(base):
         raise SSLInputError(f"fold {s.fold} does not exist; the splits have folds 0-{len(base) - 1}")
     n_train = len(set(base[s.fold]["train"]) | set(base[s.fold].get(SPLITS_UNLABELED_KEY, [])))
@@ -362,7 +372,7 @@ def run_benchmark(s: BenchmarkSettings, out: Path, device: str = "cuda", test_im
             eta = f", about {sum(durations) / len(durations) * (len(todo) - k + 1) / 60:.0f} min left"
         print(f"{clock.stamp()} [{k}/{len(todo)}{eta}] {run.label}", flush=True)
         started = time.monotonic()
-        prepare_workspace(paths, pp, s.dataset, splits_for(base, run.budget, run.seed, s.fold))
+        prepare_workspace(paths, pp, s.dataset, splits_for(base, run.budget, run.seed, s.fold, groups))
         for cmd in prerequisites(run.trainer, s, device, paths.results):
             print(f"{clock.stamp()}   prerequisite: {' '.join(cmd)}", flush=True)
             run_stage(cmd, _environment(paths, s, run.seed), paths.logs / f"prerequisite_{run.trainer}.log",

@@ -34,7 +34,7 @@ PROVENANCE = "provenance.json"
 RECORD_FILES = ("per_case.csv", TRAINING_LOG, PROVENANCE, "summary.json")
 #: settings that must not change between invocations writing into the same output folder
 FIXED_SETTINGS = ("dataset", "configuration", "fold", "plans", "epochs", "iterations_per_epoch", "val_iterations",
-                  "test_cases", "nsd_tolerance_mm", "offline_rounds")
+                  "test_cases", "nsd_tolerance_mm", "offline_rounds", "groups")
 
 
 @dataclass
@@ -54,6 +54,8 @@ class BenchmarkSettings:
     nsd_tolerance_mm: float = 1.0
     #: rounds of the offline pseudo-labelling row
     offline_rounds: int = 1
+    #: a JSON file case id -> group (frames of one sweep): folds and budgets keep groups whole; "" = none
+    groups: str = ""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from nnunet_ssl.losses.evidential import (
     fisher_evidential_loss,
     one_hot,
     reliability,
+    reliability_mask,
 )
 from nnunet_ssl.losses.pseudo_label import masked_cross_entropy, masked_soft_dice
 
@@ -26,7 +27,7 @@ from nnunet_ssl.losses.pseudo_label import masked_cross_entropy, masked_soft_dic
 class MEDLTerms(NamedTuple):
     """MEDL's three loss terms, each summed over both networks, and statistics to log."""
 
-    pseudo_label: torch.Tensor        # L_u: Dice + CE against the fused pseudo-label, voxels weighted by R
+    pseudo_label: torch.Tensor        # L_u: Dice + CE against the fused pseudo-label, voxels masked or weighted by R
     weighted_labeled: torch.Tensor    # L_wl: omega-weighted Dirichlet CE on labeled voxels
     fisher: torch.Tensor              # L^I_u: omega-weighted I-EDL loss on unlabeled voxels (before lambda)
     stats: dict[str, float]
@@ -38,12 +39,20 @@ class MEDLLoss(nn.Module):
     ``forward(unlabeled, labeled, labels, progress)`` takes each network's logits on the unlabeled batch and on the
     labeled batch (two tensors (B, K, *spatial) each), the labels (B, *spatial) and the training progress ``q / Q``
     in [0, 1]. Fusion, pseudo-labels, reliability and curriculum weights carry no gradient; the three terms carry
-    gradient into both networks' logits. Voxels equal to ``ignore_label`` are left out of ``L_wl``."""
+    gradient into both networks' logits. Voxels equal to ``ignore_label`` are left out of ``L_wl``.
+
+    ``reliability_quantile`` q says how ``R`` enters ``L_u``: a number in [0, 1) keeps the voxels of
+    :func:`~nnunet_ssl.losses.evidential.reliability_mask` (weight 1, the others 0); ``None`` weights every voxel by
+    ``R`` itself (the paper's soft weight). ``stats["medl_kept"]`` is the mean of that per-voxel weight."""
 
     def __init__(self, curriculum_amplitude: float = 1.0, curriculum_direction: str = "easy_to_hard",
                  fisher_coefficient: float = 0.05, kl_weight: float = 0.0, own_uncertainty_weight: float = 0.5,
-                 fused_uncertainty_weight: float = 0.5, ignore_label: int | None = None) -> None:
+                 fused_uncertainty_weight: float = 0.5, ignore_label: int | None = None,
+                 reliability_quantile: float | None = 0.2) -> None:
         super().__init__()
+        if reliability_quantile is not None and not 0.0 <= reliability_quantile < 1.0:
+            raise ValueError(f"reliability_quantile must be None or in [0, 1), got {reliability_quantile}")
+        self.reliability_quantile = reliability_quantile
         self.curriculum_amplitude = curriculum_amplitude
         self.curriculum_direction = curriculum_direction
         self.fisher_coefficient = fisher_coefficient
@@ -65,13 +74,15 @@ class MEDLLoss(nn.Module):
             belief, uncertainty = class_aware_fusion(d1.belief, d1.uncertainty, d2.belief, d2.uncertainty)
             pseudo = belief.argmax(1)
             weight_r = reliability(belief, uncertainty)
+            voxel_weight = weight_r if self.reliability_quantile is None else \
+                reliability_mask(weight_r, pseudo, self.reliability_quantile)
             omega_u = self._omega(uncertainty[:, 0], progress)
             target_u = one_hot(pseudo, k)
         pseudo_loss = torch.zeros((), device=device)
         fisher_loss = torch.zeros((), device=device)
         for z in unlabeled:
-            pseudo_loss = pseudo_loss + masked_cross_entropy(z, pseudo, weight_r) + \
-                masked_soft_dice(z, pseudo, weight_r)
+            pseudo_loss = pseudo_loss + masked_cross_entropy(z, pseudo, voxel_weight) + \
+                masked_soft_dice(z, pseudo, voxel_weight)
             alpha = dirichlet_from_logits(z).alpha
             fie = fisher_evidential_loss(alpha, target_u, self.fisher_coefficient)
             if self.kl_weight:
@@ -94,6 +105,7 @@ class MEDLLoss(nn.Module):
             weighted_ce = weighted_ce + (omega * valid * ce).sum() / valid.sum().clamp_min(1.0)
         stats = dict(medl_pseudo=float(pseudo_loss.detach()), medl_weighted_ce=float(weighted_ce.detach()),
                      medl_fisher=float(fisher_loss.detach()), medl_reliability=float(weight_r.mean()),
+                     medl_kept=float(voxel_weight.mean()),
                      medl_uncertainty=float(uncertainty.mean()),
                      medl_agreement=float((unlabeled[0].argmax(1) == unlabeled[1].argmax(1)).float().mean()))
         return MEDLTerms(pseudo_loss, weighted_ce, fisher_loss, stats)

@@ -70,6 +70,11 @@ Deviations from the paper or the official code, and why
 10. Region-based (sigmoid, BraTS-style) training is rejected with ``SSLInputError``: regions overlap, so there is
     no single argmax class per voxel and the unanimous/confident split is undefined.
 11. Everything is computed in float32 whatever the input dtype, so the loss is safe under CUDA autocast.
+12. ``normalise=True`` (off by default here, on in the trainers' default preset) divides each branch by the total
+    voxel weight ``sum_r w_r |r| / (|r| + 1)``, so the voxel weights have mean 1: the region weights keep their
+    ratios (what MetaSSL is about) but the branch is on a CE's scale. Unnormalised, the official weights make it
+    60-260 on Hippocampus, so ``lambda = 0.1`` gives a term 7-25 times the supervised loss and gradient clipping
+    rescales the whole gradient.
 """
 
 from __future__ import annotations
@@ -293,23 +298,32 @@ class RegionWeights:
 
 
 def region_normalised_ce(supervised_logits: torch.Tensor, target: torch.Tensor, regions: Regions,
-                         weights: RegionWeights, voxel_weights: torch.Tensor | None = None) -> torch.Tensor:
+                         weights: RegionWeights, voxel_weights: torch.Tensor | None = None,
+                         normalise: bool = False) -> torch.Tensor:
     """``sum_r w_r * sum_{i in r} CE(p_i, t_i) / (|r| + 1)`` over UC-fg, UC-bg, US, DC, DS, in float32.
 
     ``target`` is (B, *spatial) with class indices in [0, C) (also outside the regions, where it is unused). With
     ``voxel_weights`` omega (B, *spatial, no gradient) each region's sum is weighted:
-    ``sum_r w_r sum_{i in r} omega_i CE_i / (sum_{i in r} omega_i + 1)``; ``omega = 1`` is the plain form."""
+    ``sum_r w_r sum_{i in r} omega_i CE_i / (sum_{i in r} omega_i + 1)``; ``omega = 1`` is the plain form.
+
+    ``normalise`` divides by ``sum_r w_r |r| / (|r| + 1)`` (with omega: ``sum_r w_r W_r / (W_r + 1)``,
+    ``W_r = sum_{i in r} omega_i``): the voxel weights ``w_r / (|r| + 1)`` then have mean 1 over the voxels, and the
+    loss is a weighted mean of region-mean CEs, on the scale of a plain CE whatever ``w`` is (the official weights
+    make the unnormalised sum 60-260 on Hippocampus)."""
     ce = F.cross_entropy(supervised_logits.float(), target.long(), reduction="none")
     zero = ce.new_zeros(())
     loss = ce.new_zeros(())
+    total = ce.new_zeros(())
     omega = None if voxel_weights is None else voxel_weights.float().detach()
     for mask, w in ((regions.uc_fg, weights.uc), (regions.uc_bg, weights.uc), (regions.us, weights.us),
                     (regions.dc, weights.dc), (regions.ds, weights.ds)):
         # where() rather than a product: a non-finite CE outside the region must not leak into the sum
-        if omega is None:
-            loss = loss + w * torch.where(mask, ce, zero).sum() / (mask.sum() + 1)
-        else:
-            loss = loss + w * torch.where(mask, omega * ce, zero).sum() / (torch.where(mask, omega, zero).sum() + 1)
+        size = mask.sum() if omega is None else torch.where(mask, omega, zero).sum()
+        summed = torch.where(mask, ce if omega is None else omega * ce, zero).sum()
+        loss = loss + w * summed / (size + 1)
+        total = total + w * size / (size + 1)
+    if normalise:
+        return torch.where(total > 0, loss / total.clamp(min=1e-8), loss)  # no host sync
     return loss
 
 
@@ -331,8 +345,9 @@ class MetaSSLLoss(nn.Module):
     def __init__(self, num_classes: int, order: Order = "code", unlabeled_weights: RegionWeights | None = None,
                  labeled_weights: RegionWeights | None = None, alpha: float = 0.5, tau0: float = 0.9,
                  cap: float | None = 0.9, ignore_label: int | None = None, regions: bool = False,
-                 reduce_fn: ReduceFn | None = None) -> None:
+                 reduce_fn: ReduceFn | None = None, normalise: bool = False) -> None:
         super().__init__()
+        self.normalise = normalise
         reject_regions(regions)
         if order not in ("code", "paper"):
             raise SSLInputError(f"MetaSSL weight order must be 'code' or 'paper', got {order!r}")
@@ -354,7 +369,8 @@ class MetaSSLLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, order={self.order!r}, unlabeled_weights={self.unlabeled_weights},"
-                f" labeled_weights={self.labeled_weights}, ignore_label={self.ignore_label}")
+                f" labeled_weights={self.labeled_weights}, ignore_label={self.ignore_label},"
+                f" normalise={self.normalise}")
 
     def _branch(self, supervised_logits: torch.Tensor, reference_logits: torch.Tensor, target: torch.Tensor | None,
                 valid: torch.Tensor | None, threshold: AdaptiveClassThreshold, confidence_from: ConfidenceFrom,
@@ -372,7 +388,7 @@ class MetaSSLLoss(nn.Module):
             regions = _regions_from_probabilities(p_sup, p_ref, threshold.thresholds, confidence_from, valid)
             if target is None:
                 target = p_ref.argmax(dim=1)
-        loss = region_normalised_ce(supervised_logits, target, regions, weights, voxel_weights)
+        loss = region_normalised_ce(supervised_logits, target, regions, weights, voxel_weights, self.normalise)
         with torch.no_grad():
             counts = torch.stack([regions.uc.sum(), regions.us.sum(), regions.dc.sum(), regions.ds.sum()]).double()
             n = valid.sum().double() if valid is not None else counts.new_tensor(float(regions.us.numel()))

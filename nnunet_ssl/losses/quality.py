@@ -3,9 +3,10 @@
 Paper: Abhishek & Hamarneh, "Quality-guided semi-supervised segmentation" (QG-SSL, MICCAI 2026, arXiv 2606.01753),
 Phase 2. Official code: https://github.com/sfu-mial/QG-SSL (read at 8d47ebe: ``training/methods/ours.py``,
 ``training/losses.py``, ``train_SSL_methods.sh``). The paper body was not available beyond the abstract; the
-equations below follow the released code. ``g`` is the frozen quality predictor of Phase 1
-(:mod:`nnunet_ssl.quality.predictor`): ``g(x, m)`` is the predicted Dice of mask ``m`` on image ``x``, one value per
-foreground class, shape (B, K-1).
+equations below follow the released code and are what ``preset = "paper"`` trains. Our default's threshold is at
+the end of this docstring; its loss weights and schedules are in :mod:`nnunet_ssl.trainers.plugins.quality`. ``g``
+is the frozen quality predictor of Phase 1 (:mod:`nnunet_ssl.quality.predictor`): ``g(x, m)`` is the predicted Dice
+of mask ``m`` on image ``x``, one value per foreground class, shape (B, K-1).
 
 QAR, quality-aware regularisation (Eqs. 5-6)::
 
@@ -43,10 +44,26 @@ Deviations from the official code, and why:
 3. All losses use the full-resolution output only (deep supervision applies to L_sup only), in float32.
 4. When every weight is zero the official code returns a constant 0; here ``sum w l / (sum w + eps)`` is 0 as
    well, with a zero gradient (same value, no branch).
+
+The threshold. ``preset = "paper"`` keeps the fixed ``tau = 0.5`` above. Our default (``preset = "default"``) gates
+with a threshold that follows the predictor (:class:`QualityThreshold`)::
+
+    m_t   = bias-corrected EMA (momentum 0.99) of mean_{b,k} q_bk, over the previous batches and this one
+    tau_t = min(tau, m_t)                                         the same tau_t for ``per="sample"`` and ``"class"``
+    w     = q^T * 1[q >= tau_t]
+
+Why: ``g`` is trained on the few labeled cases and its absolute calibration on unlabeled data is weak, while its
+ranking of pseudo-labels is what PL-QW needs. On Hippocampus the fixed 0.5 kept 0-3 % of the samples for half of a
+run (``g`` rated every pseudo-label below 0.5), so PL-QW trained on almost nothing without any message. With
+``tau_t`` the pseudo-labels rated at or above the running mean pass (about half while ``g`` is pessimistic; the
+best sample of the first batch always does); once ``g`` rates them above tau on average, ``tau_t = tau`` and the
+gate is the paper's. The mean runs over batches, not within one (nnU-Net's unlabeled batch is 2 patches, where a
+batch quantile would keep one of two whatever their quality). The EMA is part of the checkpoint.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -63,6 +80,8 @@ QW_DELAY_FRACTION = 15 / 200
 QW_RAMPUP_FRACTION = 30 / 200
 QW_THRESHOLD = 0.5
 QW_TEMPERATURE = 2.0
+#: momentum of the EMA of the predicted quality that the default threshold follows (:class:`QualityThreshold`)
+QW_THRESHOLD_MOMENTUM = 0.99
 #: the official per-sample Dice smoothing (``PerSampleBCEDiceLoss``) and weight-sum epsilon
 DICE_SMOOTH = 1e-6
 WEIGHT_EPS = 1e-8
@@ -160,3 +179,43 @@ def pseudo_label_voxel_weights(labels: torch.Tensor, q: torch.Tensor, tau: float
     if per == "sample":
         return w_sample.view(-1, *([1] * (labels.dim() - 1))).expand(labels.shape).clone()
     return voxel_weights(labels, quality_weights(q, tau, temperature, "class"), w_sample)
+
+
+class QualityThreshold:
+    """Our PL-QW threshold ``tau_t = min(tau, m_t)``, ``m_t`` the bias-corrected EMA of the batch mean predicted
+    Dice of the pseudo-labels (module docstring).
+
+    ``update`` takes this batch's mean before ``threshold`` is read, so the first step's threshold is at most its own
+    mean."""
+
+    def __init__(self, momentum: float = QW_THRESHOLD_MOMENTUM) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.momentum = momentum
+        self.ema = 0.0
+        self.steps = 0
+
+    def update(self, batch_mean: float) -> None:
+        """One batch's mean predicted Dice ``mean_{b,k} q_bk``; non-finite values are skipped."""
+        if not math.isfinite(batch_mean):
+            return
+        self.ema = self.momentum * self.ema + (1 - self.momentum) * batch_mean
+        self.steps += 1
+
+    def mean(self) -> float:
+        """The bias-corrected EMA ``m_t``; nan before the first update."""
+        if self.steps == 0:
+            return float("nan")
+        return self.ema / (1.0 - self.momentum ** self.steps)
+
+    def threshold(self, tau: float = QW_THRESHOLD) -> float:
+        """``tau_t = min(tau, m_t)``; ``tau`` before the first update."""
+        if self.steps == 0:
+            return tau
+        return min(tau, self.mean())
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema, self.steps = float(state["ema"]), int(state["steps"])

@@ -1,7 +1,9 @@
 """The SSL trainer: hooks, the training step, and the SSL state in nnU-Net's checkpoints.
 
 ``nnUNetTrainerSSL`` adds to ``nnUNetTrainer`` the loss ``L = L_sup + lambda(t) * L_unsup`` with nnU-Net's
-deep-supervised DC+CE as ``L_sup`` and a sigmoid ramp-up of ``lambda``. Hosts (``trainers/hosts/``) override the hooks
+deep-supervised DC+CE as ``L_sup`` and a sigmoid ramp-up of ``lambda``, which in the default preset also follows
+the ratio of the two losses' sizes (:mod:`nnunet_ssl.parts.balance`); ``preset = "paper"`` gives each method's
+published configuration. Hosts (``trainers/hosts/``) override the hooks
 that say where the reference prediction comes from; plug-ins (``trainers/plugins/``) override how each voxel of the
 two predictions is used. Every hook of one step receives the same :class:`~nnunet_ssl.trainers.step.SSLStep`.
 The unlabeled data comes from :class:`~nnunet_ssl.trainers.unlabeled.UnlabeledData`, the logs and plots from
@@ -10,13 +12,17 @@ The unlabeled data comes from :class:`~nnunet_ssl.trainers.unlabeled.UnlabeledDa
 
 from __future__ import annotations
 
+import ast
+import os
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from batchgenerators.utilities.file_and_folder_operations import isfile, join
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
+from torch import distributed as dist
 
 from nnunet_ssl.compat.trainer import (
     ensure_log_keys,
@@ -29,7 +35,9 @@ from nnunet_ssl.compat.trainer import (
 )
 from nnunet_ssl.errors import SSLInputError
 from nnunet_ssl.losses.consistency import confidence_stats
+from nnunet_ssl.parts.balance import LossBalance
 from nnunet_ssl.parts.ramps import sigmoid_rampup
+from nnunet_ssl.trainers.calibration import ReferenceCalibration
 from nnunet_ssl.trainers.checkpoints import AtomicCheckpoints
 from nnunet_ssl.trainers.environment import ScheduleFromEnvironment, env_int
 from nnunet_ssl.trainers.logs import SSLLogs
@@ -53,26 +61,81 @@ def split_batch(output: torch.Tensor | Sequence[torch.Tensor], n: int):
 ENV_RESTART_REFERENCE = "nnUNet_ssl_restart_reference"
 #: how many steps with non-finite gradients a run may skip before it stops (default 0)
 ENV_SKIP_NONFINITE = "nnUNet_ssl_skip_nonfinite"
+#: "paper" trains every host and plug-in with its published configuration instead of our defaults
+ENV_PRESET = "nnUNet_ssl_preset"
+PRESETS = ("default", "paper")
+#: "name=value,name=value": class attributes of the trainer set for this run, after the preset (sweeps)
+ENV_SETTINGS = "nnUNet_ssl_settings"
 
 
-class nnUNetTrainerSSL(UnlabeledData, SSLLogs, AtomicCheckpoints, ScheduleFromEnvironment, nnUNetTrainer):
+def parse_settings(text: str, cls: type) -> dict[str, object]:
+    """``"unsupervised_share=0.5, view_intensity=(False, 'strong')"`` -> {name: Python literal}; one clear error
+    for a name the trainer does not have or a value that is not a literal."""
+    if not text.strip():
+        return {}
+    example = f"write e.g. {ENV_SETTINGS}='unsupervised_share=0.5, rampup_fraction=0.3'"
+    try:
+        call = ast.parse(f"settings({text})", mode="eval").body
+    except SyntaxError:
+        raise SSLInputError(f"{ENV_SETTINGS}={text!r} is not a list of name=value; {example}") from None
+    if call.args or any(kw.arg is None for kw in call.keywords):
+        raise SSLInputError(f"{ENV_SETTINGS}={text!r}: every item must be name=value; {example}")
+    settings: dict[str, object] = {}
+    for kw in call.keywords:
+        if kw.arg.startswith("_") or not hasattr(cls, kw.arg) or callable(getattr(cls, kw.arg)):
+            raise SSLInputError(f"{ENV_SETTINGS}: {cls.__name__} has no setting '{kw.arg}'; the settings are its "
+                                "class attributes (see the docstrings of its host and plug-ins)")
+        try:
+            settings[kw.arg] = ast.literal_eval(kw.value)
+        except ValueError:
+            raise SSLInputError(f"{ENV_SETTINGS}: the value of '{kw.arg}' ({ast.unparse(kw.value)}) is not a Python "
+                                "literal (a number, True/False/None, a quoted string or a tuple)") from None
+    return settings
+
+
+def paper_settings_of(cls: type) -> dict[str, object]:
+    """The attributes that ``preset = "paper"`` sets: every class's ``paper_settings`` along the MRO, the more
+    derived class winning (a plug-in over its host)."""
+    settings: dict[str, object] = {}
+    for klass in reversed(cls.__mro__):
+        settings.update(klass.__dict__.get("paper_settings", {}))
+    return settings
+
+
+class nnUNetTrainerSSL(UnlabeledData, ReferenceCalibration, SSLLogs, AtomicCheckpoints, ScheduleFromEnvironment,
+                       nnUNetTrainer):
     """Base class of all SSL trainers (not meant to be trained directly).
 
     Hosts and plug-ins set the class attributes below and override the hooks; state that must survive ``--c`` goes
     through ``ssl_state_dict``/``load_ssl_state_dict``."""
 
+    #: "default" (settings under which each mechanism acts) or "paper" (each method's published configuration:
+    #: ``paper_settings`` of every host and plug-in); ``nnUNet_ssl_preset`` overrides it
+    preset: str = "default"
+    #: what ``preset = "paper"`` changes, per class (merged along the MRO by :func:`paper_settings_of`)
+    paper_settings: ClassVar[dict[str, object]] = {"unsupervised_share": None, "calibrate_reference": False}
     #: global unlabeled batch per step, split over DDP ranks like nnU-Net's batch; None = the labeled batch size
     unlabeled_batch_size: int | None = None
-    #: lambda_max, the weight of the unsupervised loss after the ramp-up
+    #: rho: after the ramp, lambda L_unsup averages rho (L_sup + n) (:mod:`nnunet_ssl.parts.balance`); None = the
+    #: fixed ``unsupervised_weight``. Our default for every host (the one ramp convention: shape, length, share)
+    unsupervised_share: float | None = 0.2
+    #: with a share: the weight of the first steps, before the loss sizes are known; without: lambda_max
     unsupervised_weight: float = 0.1
+    #: with a share: the largest lambda (bounds the weight while the unsupervised loss is nearly zero)
+    max_unsupervised_weight: float = 1000.0
     #: length of the sigmoid ramp-up of lambda, as a fraction of all training iterations (0 = no ramp)
     rampup_fraction: float = 0.2
     #: which unlabeled views get their own intensity augmentation (all views share the geometric one)
     view_intensity: tuple[bool, ...] = (True, True)
     #: confidence above which a pseudo-label voxel counts as covered (logged statistic)
     confidence_threshold: float = 0.95
+    #: whether the host's loss keeps only voxels above ``confidence_threshold`` (the log warns when it drops nearly
+    #: every voxel for an epoch)
+    uses_confidence_gate: bool = False
     #: whether the loss also needs the reference prediction on labeled images (labeled_loss)
     uses_labeled_reference: bool = False
+    #: the reference on labeled images is the student itself (FixMatch): its detached output is reused
+    labeled_reference_is_student: bool = False
     #: how many (student, reference) pairs a step evaluates (``step.direction`` runs over them): 2 for two networks
     loss_directions: int = 1
     #: whether ``unsupervised_loss`` takes ``voxel_weights`` (a plug-in such as quality weights may pass them)
@@ -96,15 +159,33 @@ class nnUNetTrainerSSL(UnlabeledData, SSLLogs, AtomicCheckpoints, ScheduleFromEn
         if self.needs_argmax_labels and self.label_manager.has_regions:
             raise SSLInputError(f"{type(self).__name__} needs argmax pseudo-labels; region-based (BraTS-style) "
                                 "datasets are not supported, use nnUNetTrainerMeanTeacher")
+        self.apply_preset()
         self.apply_environment()
         self.ssl_step = 0
+        self.loss_balance = LossBalance(initial_weight=self.unsupervised_weight)
         self._nonfinite_steps = 0  # all skipped steps, and those in a row (AMP), for check_finite
         self._nonfinite_in_a_row = 0
         self.partially_labeled_ids: list[str] = []
         self.dataloader_unlabeled = None
         self.unlabeled_batch_size_per_rank: int | None = None
         self._ssl_state_restored = False
+        self.init_calibration()
         self.init_ssl_logs()
+
+    def apply_preset(self) -> None:
+        """Sets the ``paper_settings`` of every host and plug-in on this instance when the preset is "paper", then
+        the settings of ``nnUNet_ssl_settings``."""
+        preset = os.environ.get(ENV_PRESET) or self.preset
+        if preset not in PRESETS:
+            raise SSLInputError(f"preset {preset!r} is unknown ({ENV_PRESET} or the class attribute 'preset'); use "
+                                f"one of {', '.join(PRESETS)}")
+        self.preset = preset
+        if preset == "paper":
+            for name, value in paper_settings_of(type(self)).items():
+                setattr(self, name, value)
+        self.settings = parse_settings(os.environ.get(ENV_SETTINGS, ""), type(self))
+        for name, value in self.settings.items():
+            setattr(self, name, value)
 
     # ------------------------------------------------------------------ hooks
     def build_ssl_modules(self) -> None:
@@ -148,10 +229,23 @@ class nnUNetTrainerSSL(UnlabeledData, SSLLogs, AtomicCheckpoints, ScheduleFromEn
         return [(self.network, self.optimizer)]
 
     def ssl_state_dict(self) -> dict:
-        return {"ssl_step": self.ssl_step}
+        return {"ssl_step": self.ssl_step, "loss_balance": self.loss_balance.state_dict(), "preset": self.preset,
+                "settings": {k: repr(v) for k, v in self.settings.items()}, "temperature": self.temperature}
 
     def load_ssl_state_dict(self, state: dict) -> None:
         self.ssl_step = int(state["ssl_step"])
+        if "loss_balance" in state:  # checkpoints of older versions have none: the balance restarts
+            self.loss_balance.load_state_dict(state["loss_balance"])
+        self.temperature = float(state.get("temperature", 1.0))
+        saved = state.get("preset", self.preset)
+        if saved != self.preset:
+            raise SSLInputError(f"the checkpoint was trained with preset {saved!r}, this run uses {self.preset!r}; "
+                                f"resume with the same preset ({ENV_PRESET}={saved})")
+        settings = state.get("settings", {})
+        if settings != {k: repr(v) for k, v in self.settings.items()}:
+            text = ",".join(f"{k}={v}" for k, v in settings.items())
+            raise SSLInputError(f"the checkpoint was trained with {ENV_SETTINGS}='{text}', this run with "
+                                f"'{os.environ.get(ENV_SETTINGS, '')}'; resume with the same settings")
 
     def extra_final_checkpoints(self) -> dict[str, tuple[dict[str, torch.Tensor], dict]]:
         """File name -> (network state dict, overrides of checkpoint keys) written beside checkpoint_final.pth,
@@ -167,7 +261,7 @@ class nnUNetTrainerSSL(UnlabeledData, SSLLogs, AtomicCheckpoints, ScheduleFromEn
         unlabeled batch (``U``: the EMA teacher, or the same network on the weak view) and, with
         ``uses_labeled_reference``, one on the labeled batch (``B``). Losses, augmentation and EMA updates are not
         counted (``nnUNetv2_ssl_throughput`` reports the count)."""
-        extra = labeled_batch if cls.uses_labeled_reference else 0
+        extra = labeled_batch if cls.uses_labeled_reference and not cls.labeled_reference_is_student else 0
         return float(3 * (labeled_batch + unlabeled_batch) + unlabeled_batch + extra)
 
     # ------------------------------------------------------------------ schedule
@@ -175,8 +269,26 @@ class nnUNetTrainerSSL(UnlabeledData, SSLLogs, AtomicCheckpoints, ScheduleFromEn
     def total_iterations(self) -> int:
         return self.num_epochs * self.num_iterations_per_epoch
 
+    def ramp(self) -> float:
+        """The sigmoid ramp of this step, in [0, 1]: the one schedule every term of every trainer follows."""
+        return sigmoid_rampup(self.ssl_step, self.rampup_fraction * self.total_iterations)
+
     def current_lambda(self) -> float:
-        return self.unsupervised_weight * sigmoid_rampup(self.ssl_step, self.rampup_fraction * self.total_iterations)
+        if self.unsupervised_share is None:
+            return self.unsupervised_weight * self.ramp()
+        return self.ramp() * self.loss_balance.weight(self.unsupervised_share, self.max_unsupervised_weight)
+
+    def observe_losses(self, step: SSLStep, sup_loss: torch.Tensor, unsup_loss: torch.Tensor) -> float:
+        """Feeds this step's loss sizes to the balance (averaged over DDP ranks, so every rank keeps the same
+        lambda); returns ``L_sup + n`` (n networks), the supervised size the logged shares divide by."""
+        values = torch.stack([sup_loss.detach().float() + len(self.trainable()), unsup_loss.detach().float()])
+        if self.unsupervised_share is not None and self.is_ddp:
+            values = values.to(torch.float64)
+            dist.all_reduce(values)
+            values = values / dist.get_world_size()
+        sup, unsup = values.tolist()
+        self.loss_balance.update(sup, unsup)
+        return sup
 
     @property
     def regions(self) -> bool:
@@ -202,6 +314,8 @@ class nnUNetTrainerSSL(UnlabeledData, SSLLogs, AtomicCheckpoints, ScheduleFromEn
         if not self._ssl_state_restored:
             self.sync_reference_from_student()
         super().on_train_start()
+        self.print_to_log_file(f"SSL preset '{self.preset}'" + (f", settings from {ENV_SETTINGS}: {self.settings}"
+                                                                if self.settings else ""), also_print_to_console=True)
 
     def _autocast(self):
         return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
@@ -221,11 +335,17 @@ class nnUNetTrainerSSL(UnlabeledData, SSLLogs, AtomicCheckpoints, ScheduleFromEn
             out_labeled, out_unlabeled = split_batch(output, n_labeled)
             sup_loss = self.loss(out_labeled, step.target)
             with torch.no_grad():
-                reference = self.reference_logits(step)
-                reference_labeled = self.reference_logits_labeled(step) if self.uses_labeled_reference else None
+                reference = self.calibrated(self.reference_logits(step))
+                reference_labeled = None
+                if self.uses_labeled_reference:
+                    # the same network on the same images: its output is the reference, no third forward
+                    reference_labeled = full_resolution(out_labeled).detach() if self.labeled_reference_is_student \
+                        else self.reference_logits_labeled(step)
         with self._no_autocast():
             unsup_loss, stats = self.unsupervised_loss(full_resolution(out_unlabeled).float(), reference.float(), step)
             stats = {**confidence_stats(reference, self.confidence_threshold, self.regions), **stats}
+            if step.mix is not None:
+                stats["mixed_fraction"] = float(step.mix.float().mean())
             if reference_labeled is not None:
                 lab_loss, lab_stats = self.labeled_loss(full_resolution(out_labeled).float(),
                                                         reference_labeled.float(), full_resolution(step.target), step)
@@ -242,12 +362,14 @@ class nnUNetTrainerSSL(UnlabeledData, SSLLogs, AtomicCheckpoints, ScheduleFromEn
             else target.to(self.device, non_blocking=True),
             views={k: v.to(self.device, non_blocking=True) for k, v in unlabeled.items() if k.startswith("view")},
             lam=self.current_lambda())
+        ramp = self.ramp()
         pairs = self.trainable()
         for _, optimizer in pairs:
             optimizer.zero_grad(set_to_none=True)
         sup_loss, unsup_loss, stats = self.forward_losses(step)
         with self._no_autocast():
             loss = step.total(sup_loss, unsup_loss)
+        sup_size = self.observe_losses(step, sup_loss, unsup_loss)
         if self.grad_scaler is not None:
             # one scaler for all optimizers, as GradScaler supports; it skips steps with non-finite gradients
             self.grad_scaler.scale(loss).backward()
@@ -268,8 +390,13 @@ class nnUNetTrainerSSL(UnlabeledData, SSLLogs, AtomicCheckpoints, ScheduleFromEn
                     optimizer.step()
                 self.after_optimizer_step()
         self.ssl_step += 1
+        weighted = step.lam * float(unsup_loss.detach())
+        others = sum(float(t.detach()) for t in [*step.constant_losses, *step.scheduled_losses])
         self.record_step_stats({"ssl_sup_loss": float(sup_loss.detach()), "ssl_unsup_loss": float(unsup_loss.detach()),
-                                "ssl_lambda": step.lam, **{f"ssl_{k}": float(v) for k, v in stats.items()}})
+                                "ssl_lambda": step.lam, "ssl_ramp": ramp,
+                                "ssl_unsup_share": weighted / max(sup_size, 1e-8),
+                                "ssl_other_share": others / max(sup_size, 1e-8),
+                                **{f"ssl_{k}": float(v) for k, v in stats.items()}})
         return {"loss": loss.detach().cpu().numpy()}
 
     # ------------------------------------------------------------------ non-finite steps

@@ -9,6 +9,13 @@ from torch import distributed as dist
 from nnunet_ssl.compat.trainer import ensure_log_keys, log_history, network_swapped
 from nnunet_ssl.utils.plotting import plot_ssl_progress
 
+#: a lambda-weighted term below this share of the supervised loss (L_sup + n) is reported as negligible
+NEGLIGIBLE_SHARE = 0.01
+#: a term above this share is reported as dominant
+DOMINANT_SHARE = 1.0
+#: a confidence gate that keeps less than this fraction of voxels is reported as dropping nearly everything
+GATE_MINIMUM = 0.01
+
 
 class SSLLogs:
     """Mixin of the SSL trainer: per-step statistics averaged per epoch (over DDP ranks too), the reference model's
@@ -22,8 +29,13 @@ class SSLLogs:
         ensure_log_keys(self, self.ssl_log_keys())
 
     def ssl_log_keys(self) -> list[str]:
-        keys = ["ssl_sup_loss", "ssl_unsup_loss", "ssl_lambda", "ssl_confidence", "ssl_coverage", "ssl_reference_dice"]
+        keys = ["ssl_sup_loss", "ssl_unsup_loss", "ssl_lambda", "ssl_ramp", "ssl_unsup_share", "ssl_other_share",
+                "ssl_confidence", "ssl_coverage", *self.validation_log_keys()]
         return [*keys, "ssl_labeled_branch_loss"] if self.uses_labeled_reference else keys
+
+    def validation_log_keys(self) -> list[str]:
+        """Keys logged once per epoch by the validation hooks, not averaged from the training steps."""
+        return ["ssl_reference_dice", *self.calibration_log_keys()]
 
     def ssl_plot_panels(self) -> list[tuple[str, dict[str, str]]]:
         """(title, {legend label: log key}) for each panel of progress_ssl.png."""
@@ -35,9 +47,15 @@ class SSLLogs:
             ("supervised loss (nnU-Net's Dice + CE)", {"supervised loss": "ssl_sup_loss"}),
             ("unsupervised loss, before lambda (log)", unsup),
             ("unsupervised weight", {"lambda": "ssl_lambda"}),
+            ("terms as a share of the supervised loss (L_sup + n)", {"lambda L_unsup": "ssl_unsup_share",
+                                                                      "other SSL terms": "ssl_other_share"}),
             ("pseudo-labels", {"mean confidence": "ssl_confidence",
                                f"coverage (conf >= {self.confidence_threshold})": "ssl_coverage"}),
             ("validation pseudo-Dice", {self.student_name: "mean_fg_dice", self.reference_name: "ssl_reference_dice"}),
+            *([("calibration on validation voxels", {"ECE, softmax": "ssl_ece_raw",
+                                                     "ECE, softmax / T": "ssl_ece_calibrated",
+                                                     "temperature T": "ssl_temperature"})]
+              if self.calibrate_reference else []),
         ]
 
     def record_step_stats(self, stats: dict[str, float]) -> None:
@@ -52,7 +70,7 @@ class SSLLogs:
 
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
         super().on_train_epoch_end(train_outputs)
-        keys = [k for k in self.ssl_log_keys() if k != "ssl_reference_dice"]
+        keys = [k for k in self.ssl_log_keys() if k not in self.validation_log_keys()]
         means = {k: float(np.nanmean([s.get(k, np.nan) for s in self._epoch_stats])) if self._epoch_stats
                  else float("nan") for k in keys}
         if self.is_ddp:
@@ -63,9 +81,32 @@ class SSLLogs:
             self.logger.log(k, means[k], self.current_epoch)
         branch = f" (labeled branch {means['ssl_labeled_branch_loss']:.4f})" if self.uses_labeled_reference else ""
         self.print_to_log_file(
-            "ssl: sup {:.4f} unsup {:.4f}{} lambda {:.4f} confidence {:.3f} coverage {:.3f}".format(
-                means["ssl_sup_loss"], means["ssl_unsup_loss"], branch, means["ssl_lambda"], means["ssl_confidence"],
-                means["ssl_coverage"]))
+            "ssl: sup {:.4f} unsup {:.4f}{} lambda {:.4g} share {:.3f} (other terms {:.3f}) confidence {:.3f} "
+            "coverage {:.3f}".format(means["ssl_sup_loss"], means["ssl_unsup_loss"], branch, means["ssl_lambda"],
+                                     means["ssl_unsup_share"], means["ssl_other_share"], means["ssl_confidence"],
+                                     means["ssl_coverage"]))
+        for warning in self.mechanism_warnings(means):
+            self.print_to_log_file(f"WARNING: {warning}")
+
+    def mechanism_warnings(self, means: dict[str, float]) -> list[str]:
+        """Lines for the log when a term is negligible or dominant against the supervised loss, or a gate drops
+        nearly every voxel, over this epoch. Plug-ins with their own gates or terms extend the list."""
+        out = []
+        if means.get("ssl_ramp", 0.0) >= 0.5:  # during the early ramp a small term is intended
+            share = means.get("ssl_unsup_share", float("nan"))
+            if share < NEGLIGIBLE_SHARE:
+                out.append(f"lambda L_unsup is {share:.2g} of the supervised loss this epoch: the unsupervised term "
+                           "is negligible")
+            elif share > DOMINANT_SHARE:
+                out.append(f"lambda L_unsup is {share:.2g} times the supervised loss this epoch: the unsupervised "
+                           "term dominates")
+            other = means.get("ssl_other_share", float("nan"))
+            if other > DOMINANT_SHARE:
+                out.append(f"the other SSL terms are {other:.2g} times the supervised loss this epoch: they dominate")
+        if self.uses_confidence_gate and means.get("ssl_coverage", 1.0) < GATE_MINIMUM:
+            out.append(f"only {means['ssl_coverage']:.1%} of the unlabeled voxels pass the confidence threshold "
+                       f"{self.confidence_threshold}: the gate drops nearly everything")
+        return out
 
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()

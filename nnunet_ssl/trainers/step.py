@@ -27,12 +27,20 @@ class SSLStep:
     student_image: torch.Tensor | None = None
     #: CutMix boxes (U, *spatial) applied to ``student_image``; the reference is mixed with the same boxes
     mix: torch.Tensor | None = None
+    #: the unlabeled images the reference predicted (set by hosts whose reference sees its own input)
+    reference_image: torch.Tensor | None = None
     #: which (student, reference) pair a loss call evaluates: 0 or 1 on two-network hosts, else 0
     direction: int = 0
-    #: already weighted float32 terms with a constant weight, beside L_sup (MEDL's L_u and L_wl)
+    #: already weighted float32 terms with a constant weight, beside L_sup (MEDL's L_wl; its L_u in the paper preset)
     constant_losses: list[torch.Tensor] = field(default_factory=list)
-    #: already weighted float32 terms with a schedule of their own, outside lambda(t) (QG-SSL's QAR)
+    #: already weighted float32 terms with a schedule of their own, outside lambda(t) (QG-SSL's QAR, MEDL's L_u)
     scheduled_losses: list[torch.Tensor] = field(default_factory=list)
+
+    #: detached per-step values a plug-in reads again after the loss (e.g. QAR's size for its balance)
+    observed: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def observe(self, name: str, value: torch.Tensor) -> None:
+        self.observed.setdefault(name, []).append(value.detach())
 
     def add_constant_loss(self, weighted: torch.Tensor) -> None:
         self.constant_losses.append(weighted)

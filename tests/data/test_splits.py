@@ -9,7 +9,16 @@ import pytest
 from conftest import nnunet_env, run_cli
 
 from nnunet_ssl.data.layout import SPLITS_UNLABELED_KEY
-from nnunet_ssl.data.splits import BUDGET_KEY, ORIGINAL_SPLITS_FILE, budget_splits
+from nnunet_ssl.data.splits import (
+    BUDGET_KEY,
+    EXCLUDED_KEY,
+    ORIGINAL_SPLITS_FILE,
+    budget_splits,
+    grouped_base,
+    grouped_crossval_split,
+    groups_split_across,
+    load_groups,
+)
 from nnunet_ssl.errors import SSLInputError
 
 UNL = SPLITS_UNLABELED_KEY
@@ -219,3 +228,76 @@ def test_cli_unknown_dataset(copy_planned):
     proc = run_cli(["nnUNetv2_ssl_make_splits", "-d", "991", "--num-labeled", "2"], env=env, check=False)
     _assert_one_line_error(proc)
     assert "Dataset990_SSLSynthetic" in proc.stderr  # lists what is available
+
+
+# ---------------------------------------------------------------- groups (frames of one sweep stay together)
+GROUPS = {f"c{i:02d}": f"run{i // 4}" for i in range(24)}  # six runs of four frames
+
+
+def _sides(fold: dict) -> dict[str, set[str]]:
+    return {k: {GROUPS[c] for c in fold.get(k, [])} for k in ("train", UNL, "val", EXCLUDED_KEY)}
+
+
+def test_grouped_crossval_keeps_each_group_in_one_fold():
+    folds = grouped_crossval_split(sorted(GROUPS), GROUPS, n_splits=3)
+    assert sorted(c for f in folds for c in f["val"]) == sorted(GROUPS)  # each case validated exactly once
+    for fold in folds:
+        sides = _sides(fold)
+        assert not sides["train"] & sides["val"] and len(fold["val"]) == 8
+    with pytest.raises(SSLInputError, match="needs at least 7"):
+        grouped_crossval_split(sorted(GROUPS), GROUPS, n_splits=7)
+
+
+def test_grouped_budget_takes_whole_groups_and_leaves_the_cut_groups_rest_out():
+    base = [{"train": [f"c{i:02d}" for i in range(16)], "val": [f"c{i:02d}" for i in range(16, 24)]}]
+    for n in (1, 4, 6, 9):
+        fold = budget_splits(base, num_labeled=n, seed=3, groups=GROUPS)[0]
+        sides = _sides(fold)
+        assert len(fold["train"]) == n
+        assert not sides["train"] & sides[UNL] and not sides[UNL] & sides[EXCLUDED_KEY]
+        # the excluded cases are exactly the rest of the one group the budget cut
+        assert len(fold[EXCLUDED_KEY]) == (-n) % 4 and sides[EXCLUDED_KEY] <= sides["train"]
+        assert len(fold["train"]) + len(fold[UNL]) + len(fold[EXCLUDED_KEY]) == 16
+    small, large = (budget_splits(base, num_labeled=n, seed=3, groups=GROUPS)[0]["train"] for n in (5, 9))
+    assert set(small) < set(large)
+    # the cut group gives its first frames (sorted ids) to the labeled side
+    fold = budget_splits(base, num_labeled=6, seed=3, groups=GROUPS)[0]
+    cut = sorted(c for c in fold["train"] if GROUPS[c] in _sides(fold)[EXCLUDED_KEY])
+    assert cut == sorted(c for c in GROUPS if GROUPS[c] == GROUPS[cut[0]])[:2]
+
+
+def test_grouped_base_replaces_folds_that_split_a_group():
+    clean = grouped_crossval_split(sorted(GROUPS), GROUPS, n_splits=3)
+    assert grouped_base(clean, GROUPS) == (clean, None)
+    leaky = [{"train": sorted(GROUPS)[1:], "val": sorted(GROUPS)[:1]}] * 3
+    assert groups_split_across(leaky, GROUPS) == [(0, "run0"), (1, "run0"), (2, "run0")]
+    regrouped, note = grouped_base(leaky, GROUPS)
+    assert "grouped 3-fold split" in note and not groups_split_across(regrouped, GROUPS)
+
+
+def test_groups_file_errors(tmp_path):
+    bad = tmp_path / "g.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(SSLInputError, match="JSON object case id -> group"):
+        load_groups(bad)
+    with pytest.raises(SSLInputError, match="cannot read the groups file"):
+        load_groups(tmp_path / "missing.json")
+    with pytest.raises(SSLInputError, match="names none of the"):
+        budget_splits([{"train": ["a", "b"], "val": ["c"]}], num_labeled=1, groups=GROUPS)
+
+
+def test_cli_grouped_budget(copy_planned, tmp_path):
+    env = nnunet_env(copy_planned["root"], training=False)
+    cases = sorted(p.name[:-len("_0000.nii.gz")] for p in
+                   (copy_planned["root"] / "raw" / copy_planned["dataset"] / "imagesTr").iterdir())
+    groups = {c: f"g{max(i - 1, 0)}" for i, c in enumerate(cases)}  # the first two cases are one group
+    path = tmp_path / "groups.json"
+    path.write_text(json.dumps(groups))
+    proc = run_cli(["nnUNetv2_ssl_make_splits", "-d", str(copy_planned["id"]), "--num-labeled", "1", "--groups",
+                    str(path)], env=env)
+    splits = _read(copy_planned["root"] / "preprocessed" / copy_planned["dataset"] / "splits_final.json")
+    assert "excluded (cut group)" in proc.stdout
+    for fold in splits:
+        train, unl, val = ({groups[c] for c in fold.get(k, [])} for k in ("train", UNL, "val"))
+        assert len(fold["train"]) == 1 and not train & unl and not (train | unl) & val
+        assert fold[BUDGET_KEY]["grouped"] is True

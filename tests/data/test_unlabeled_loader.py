@@ -15,7 +15,7 @@ from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-from nnunet_ssl.data.unlabeled_loader import UnlabeledMultiViewLoader, split_transforms
+from nnunet_ssl.data.unlabeled_loader import StrongIntensity, UnlabeledMultiViewLoader, split_transforms
 from nnunet_ssl.errors import SSLInputError
 
 
@@ -99,3 +99,34 @@ def _loader(intensity, view_intensity=(True, True), batch_size=4):
     lm = LabelManager({"background": 0, "a": 1}, None)
     return UnlabeledMultiViewLoader(pool, batch_size, (22, 22, 22), (16, 16, 16), lm, geometric, intensity,
                                     view_intensity)
+
+
+def test_strong_view_always_differs_from_the_weak_view_where_nnunets_often_does_not():
+    _, intensity = split_transforms(_nnunet_pipeline())
+    torch.manual_seed(0)
+    patches = [torch.rand(1, 8, 8, 8) + 1 for _ in range(300)]
+    plain = sum(torch.equal(intensity(image=p.clone())["image"], p) for p in patches)
+    strong = StrongIntensity(intensity)
+    unchanged = sum(torch.equal(strong(image=p)["image"], p) for p in patches)
+    assert plain > 50  # nnU-Net's own draw leaves about a third of the images as they were
+    assert unchanged == 0
+    # every nnU-Net transform fires at least half of the time; the input is not modified in place
+    probabilities = [t.apply_probability for t in strong.transforms]
+    assert min(probabilities) >= 0.5 and len(strong.transforms) == len(intensity.transforms) + 2
+    assert [t.apply_probability for t in intensity.transforms] != probabilities[:len(intensity.transforms)]
+    p = patches[0].clone()
+    strong(image=p)
+    assert torch.equal(p, patches[0])
+
+
+def test_loader_gives_a_strong_view_on_request_and_refuses_unknown_kinds():
+    _, intensity = split_transforms(_nnunet_pipeline())
+    loader = _loader(intensity, view_intensity=(False, "strong"), batch_size=4)
+    torch.manual_seed(2)
+    np.random.seed(2)
+    for _ in range(3):
+        batch = loader.generate_train_batch()
+        for j in range(4):
+            assert not torch.equal(batch["view0"][j], batch["view1"][j])
+    with pytest.raises(SSLInputError, match="view_intensity"):
+        _loader(intensity, view_intensity=(False, "stronger"))

@@ -33,7 +33,8 @@ HAND_COUNTS = {
     "nnUNetTrainerMeanTeacherMetaSSL": 3 * 5 + 3 + 2,
     # forward + backward on labeled + strong view, forward without gradient on the weak view
     "nnUNetTrainerFixMatch": 3 * 5 + 3,
-    "nnUNetTrainerFixMatchMetaSSL": 3 * 5 + 3 + 2,
+    # MetaSSL's labeled reference is the student's own labeled output: no extra forward
+    "nnUNetTrainerFixMatchMetaSSL": 3 * 5 + 3,
     # two networks, forward + backward each on 2 + 3; the cross pseudo-labels reuse these outputs
     "nnUNetTrainerCPS": 2 * 3 * 5,
     "nnUNetTrainerCPSMetaSSL": 2 * 3 * 5,

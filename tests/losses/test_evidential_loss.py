@@ -20,6 +20,7 @@ from nnunet_ssl.losses.evidential import (
     one_hot,
     predictive_entropy,
     reliability,
+    reliability_mask,
     total_uncertainty,
     uncertainty_ranks,
 )
@@ -147,6 +148,29 @@ def test_reliability_and_combined_uncertainty():
     assert float(reliability(_voxel([0.3, 0.3]), u)) < float(reliability(_voxel([0.6, 0.0]), u))
     assert float(combined_uncertainty(torch.tensor(0.2), torch.tensor(0.6))) == pytest.approx(0.4)
     assert float(combined_uncertainty(torch.tensor(0.2), torch.tensor(0.6), 0.25, 0.75)) == pytest.approx(0.5)
+
+
+def test_reliability_mask_keeps_each_pseudo_class_above_its_own_quantile_pooled_over_the_batch():
+    # class 0 has 5 voxels over both samples, class 1 has 3, all less reliable than class 0's
+    r = torch.tensor([[0.90, 0.20, 0.50, 0.10, 0.30],
+                      [0.70, 0.95, 0.05, 0.60, 0.80]])
+    labels = torch.tensor([[0, 0, 0, 1, 1],
+                           [0, 0, 1, 2, 2]])
+    # q = 0.2: class 0 drops floor(0.2 * 5) = 1 voxel (R 0.20), class 1 (n 3) and class 2 (n 2) drop none
+    assert reliability_mask(r, labels, 0.2).tolist() == [[1, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    # q = 0.5: class 0 drops 2 (0.20, 0.50), class 1 drops 1 (0.05), class 2 drops 1 (0.60)
+    assert reliability_mask(r, labels, 0.5).tolist() == [[1, 0, 0, 1, 1], [1, 1, 0, 0, 1]]
+    # a single quantile over all voxels would drop the whole of class 1; per class it keeps >= 1 - q of each
+    mask = reliability_mask(r, labels, 0.5)
+    for c in range(3):
+        assert float(mask[labels == c].mean()) >= 0.5
+    assert torch.equal(reliability_mask(r, labels, 0.0), torch.ones_like(r))
+    # ties at the threshold are kept; the mask is a float 0/1 map without gradient
+    tied = reliability_mask(torch.full((1, 4), 0.9, requires_grad=True), torch.zeros(1, 4, dtype=torch.long), 0.5)
+    assert torch.equal(tied, torch.ones(1, 4)) and not tied.requires_grad and tied.dtype == torch.float32
+    for q in (1.0, -0.1):
+        with pytest.raises(ValueError):
+            reliability_mask(r, labels, q)
 
 
 def test_uncertainty_ranks_average_ties():

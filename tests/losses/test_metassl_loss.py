@@ -285,6 +285,18 @@ def test_region_normalised_ce_hand_computed():
     expected = 1.0 * ces[1] / 2 + 1.0 * (ces[0] + ces[3]) / 3 + 0 + 3.0 * ces[2] / 2 + 0
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
+    # normalised: divided by the total voxel weight sum_r w_r |r| / (|r| + 1) (W: uc 1, dc 3)
+    total = 1.0 * 1 / 2 + 1.0 * 2 / 3 + 3.0 * 1 / 2
+    normalised = region_normalised_ce(logits, target, regions, W, normalise=True)
+    assert normalised.item() == pytest.approx(expected / total, rel=1e-6)
+    # mean-1 voxel weights: scaling every region weight leaves the normalised loss unchanged
+    scaled = RegionWeights(uc=50 * W.uc, us=50 * W.us, dc=50 * W.dc, ds=50 * W.ds)
+    assert region_normalised_ce(logits, target, regions, scaled, normalise=True).item() == pytest.approx(
+        normalised.item(), rel=1e-6)
+    # and a uniform CE of c per voxel gives exactly c, as a plain mean would
+    flat = torch.zeros(1, 2, 4)
+    assert region_normalised_ce(flat, target, regions, W, normalise=True).item() == pytest.approx(math.log(2))
+
 
 def test_unlabeled_loss_against_python_reference_without_update():
     sup, ref = random_pair((2, 3, 4, 5), seed=3)

@@ -204,3 +204,42 @@ def test_half_precision_and_shape_errors():
         qg.quality_weighted_pseudo_label_loss(logits, labels, torch.rand(2, 3))
     with pytest.raises(ValueError):
         qg.quality_weighted_pseudo_label_loss(logits, labels[:, :2], q)
+
+
+def test_quality_threshold_follows_the_ema_of_the_batch_mean_below_tau():
+    gate = qg.QualityThreshold(momentum=0.99)
+    assert gate.threshold(0.5) == 0.5 and math.isnan(gate.mean())  # nothing seen yet: the paper's tau
+    gate.update(0.2)
+    assert gate.mean() == pytest.approx(0.2) and gate.threshold(0.5) == pytest.approx(0.2)  # bias-corrected
+    gate.update(0.4)
+    # (0.01 * 0.99 * 0.2 + 0.01 * 0.4) / (1 - 0.99^2) = (0.99 * 0.2 + 0.4) / 1.99
+    assert gate.mean() == pytest.approx(0.598 / 1.99)
+    assert gate.threshold(0.5) == pytest.approx(0.598 / 1.99) and gate.threshold(0.25) == 0.25  # min, not max
+    gate.update(float("nan"))
+    assert gate.steps == 2
+    halves = qg.QualityThreshold(momentum=0.5)
+    halves.update(0.2)
+    halves.update(0.8)
+    # ema = 0.5 (0.5 * 0.2) + 0.5 * 0.8 = 0.45, corrected by 1 - 0.25
+    assert halves.mean() == pytest.approx(0.6) and halves.threshold(0.5) == 0.5 and halves.threshold(0.7) == \
+        pytest.approx(0.6)
+    restored = qg.QualityThreshold(momentum=0.5)
+    restored.load_state_dict(halves.state_dict())
+    assert restored.mean() == pytest.approx(0.6) and restored.steps == 2
+    with pytest.raises(ValueError):
+        qg.QualityThreshold(momentum=1.0)
+
+
+def test_adaptive_gate_keeps_what_the_fixed_threshold_drops_by_hand():
+    # per-sample qualities 0.25, 0.15, 0.4, batch mean 0.8 / 3: the paper's tau = 0.5 keeps nothing
+    q = torch.tensor([[0.3, 0.2], [0.1, 0.2], [0.4, 0.4]])
+    assert torch.equal(qg.quality_weights(q, 0.5, 2.0), torch.zeros(3)) and qg.kept_fraction(q, 0.5) == 0.0
+    gate = qg.QualityThreshold()
+    gate.update(float(q.mean()))
+    tau = gate.threshold(0.5)
+    assert tau == pytest.approx(0.8 / 3)
+    assert torch.allclose(qg.quality_weights(q, tau, 2.0), torch.tensor([0.0, 0.0, 0.16]))
+    assert qg.kept_fraction(q, tau) == pytest.approx(1 / 3)
+    # per class, the same tau_t for every class: 0.3 and 0.4, 0.4 pass
+    assert torch.allclose(qg.quality_weights(q, tau, 2.0, "class"),
+                          torch.tensor([[0.09, 0.0], [0.0, 0.0], [0.16, 0.16]]))

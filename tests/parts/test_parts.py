@@ -10,6 +10,8 @@ from torch import nn
 
 from nnunet_ssl.losses import quality as qg
 from nnunet_ssl.losses.pseudo_label import hard_pseudo_labels
+from nnunet_ssl.parts.balance import LossBalance
+from nnunet_ssl.parts.calibration import expected_calibration_error, fit_temperature, sample_voxels
 from nnunet_ssl.parts.cutmix import apply_cutmix, cutmix_masks
 from nnunet_ssl.parts.ema import ema_decay, ema_update, make_teacher
 from nnunet_ssl.parts.ramps import linear_rampup, sigmoid_rampup
@@ -90,3 +92,60 @@ def test_linear_rampup_matches_the_official_scheduler_shape():
     # official defaults: QAR 30 + 40 of 200 epochs, PL-QW 15 + 30 of 200 epochs
     assert (qg.QAR_DELAY_FRACTION, qg.QAR_RAMPUP_FRACTION, qg.QAR_WEIGHT) == (0.15, 0.2, 0.01)
     assert (qg.QW_DELAY_FRACTION, qg.QW_RAMPUP_FRACTION, qg.QW_WEIGHT) == (0.075, 0.15, 0.25)
+
+
+def test_loss_balance_weight_is_the_share_of_the_averaged_loss_sizes():
+    balance = LossBalance(momentum=0.5, initial_weight=0.3, warmup_steps=2)
+    assert balance.weight(0.2, 1000.0) == 0.3  # before the loss sizes are known
+    balance.update(1.0, 0.1)
+    assert balance.weight(0.2, 1000.0) == 0.3
+    balance.update(3.0, 0.3)
+    # EMAs 0.5 * 0.5 * 1 + 0.5 * 3 = 1.75 and 0.175; bias correction 1 - 0.5^2 = 0.75
+    assert balance.averages() == pytest.approx((1.75 / 0.75, 0.175 / 0.75))
+    assert balance.weight(0.2, 1000.0) == pytest.approx(0.2 * 1.75 / 0.175)
+    assert balance.weight(0.2, 1.5) == 1.5  # the cap
+    balance.update(float("nan"), 0.1)  # a non-finite step does not enter the averages
+    assert balance.steps == 2
+    restored = LossBalance(momentum=0.5, warmup_steps=2)
+    restored.load_state_dict(balance.state_dict())
+    assert restored.weight(0.2, 1000.0) == balance.weight(0.2, 1000.0)
+    zero = LossBalance(warmup_steps=0)
+    zero.update(1.0, 0.0)
+    assert zero.weight(0.2, 50.0) == 50.0  # an unsupervised loss of zero gets the cap, not a division by zero
+
+
+def test_loss_balance_of_constant_sizes_reaches_the_stated_share():
+    balance = LossBalance()
+    for _ in range(300):
+        balance.update(0.5, 0.002)
+    weight = balance.weight(0.2, 1000.0)
+    assert weight * 0.002 == pytest.approx(0.2 * 0.5)
+
+
+def test_temperature_fit_recovers_the_scale_of_over_confident_logits():
+    g = torch.Generator().manual_seed(0)
+    logits = 2 * torch.randn(20000, 3, generator=g)
+    labels = torch.multinomial(torch.softmax(logits, 1), 1, generator=g).flatten()  # calibrated at T = 1
+    assert fit_temperature(3 * logits, labels) == pytest.approx(3.0, rel=0.05)
+    assert fit_temperature(logits, labels) == pytest.approx(1.0, rel=0.05)
+    raw = expected_calibration_error(3 * logits, labels)
+    assert expected_calibration_error(3 * logits, labels, fit_temperature(3 * logits, labels)) < raw / 3
+    assert fit_temperature(logits[:0], labels[:0]) == 1.0
+
+
+def test_expected_calibration_error_by_hand():
+    # confidences 0.9, 0.9 (one correct) and 0.6, 0.6 (both correct), 2 classes, 10 bins:
+    # ECE = 2/4 |0.5 - 0.9| + 2/4 |1.0 - 0.6| = 0.4
+    p = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.4, 0.6]])
+    labels = torch.tensor([0, 1, 0, 1])
+    assert expected_calibration_error(torch.log(p), labels, num_bins=10) == pytest.approx(0.4, abs=1e-5)
+
+
+def test_sampled_voxels_leave_out_the_ignore_label():
+    logits = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 2, 3, 4)
+    target = torch.tensor([[[0, 1, 5, 5], [1, 1, 0, 5], [0, 0, 1, 1]]])
+    x, y = sample_voxels(logits, target, count=100, ignore_label=5)
+    assert y.numel() == 9 and 5 not in y.tolist()
+    # each sampled row is (channel 0, channel 1) of the same voxel: channel 1 = channel 0 + 12
+    assert torch.equal(x[:, 1] - x[:, 0], torch.full((9,), 12.0))
+    assert sample_voxels(logits, target, count=4, ignore_label=5)[1].numel() == 4

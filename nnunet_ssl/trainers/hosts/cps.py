@@ -13,8 +13,12 @@ class CrossPseudoSupervision(TwoNetworks):
     reference implementation for medical segmentation: SSL4MIS ``train_cross_pseudo_supervision_3D.py``.
 
     ``L = sum_{k=1,2} [ L_sup(f_k(x_l), y) + lambda(t) CE(f_k(u), argmax f_{3-k}(u)) ]``, both networks updated
-    (each target is detached), ``lambda(t) = 0.1 exp(-5 (1 - t/T_r)^2)`` over the first 20 % of training. Network 2,
-    its checkpoints and ``checkpoint_final_net2.pth``: :class:`~nnunet_ssl.trainers.hosts.two_networks.TwoNetworks`.
+    (each target is detached). Network 2, its checkpoints and ``checkpoint_final_net2.pth``:
+    :class:`~nnunet_ssl.trainers.hosts.two_networks.TwoNetworks`.
+
+    Presets (``preset``, or ``nnUNet_ssl_preset``): ``"default"``: lambda after the common 20 % ramp such that the
+    cross terms average 0.2 (L_sup + 2) (``unsupervised_share``); ``"paper"``: SSL4MIS's
+    ``lambda(t) = 0.1 exp(-5 (1 - t/T_r)^2)`` over the first 20 % of training.
 
     Deviations, and why:
 
@@ -25,6 +29,7 @@ class CrossPseudoSupervision(TwoNetworks):
     - One GradScaler serves both optimizers under CUDA AMP (GradScaler supports several optimizers).
     """
 
+    paper_settings = {"unsupervised_weight": 0.1, "rampup_fraction": 0.2}
     unsupervised_weight = 0.1
     needs_argmax_labels = True
 

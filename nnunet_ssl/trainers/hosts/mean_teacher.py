@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from nnunet_ssl.compat.trainer import unwrap
+from nnunet_ssl.errors import SSLInputError
 from nnunet_ssl.losses.consistency import mse_consistency
 from nnunet_ssl.parts.ema import ema_decay, ema_update, make_teacher
 from nnunet_ssl.trainers.base import full_resolution, nnUNetTrainerSSL
@@ -23,24 +24,39 @@ class MeanTeacher(nnUNetTrainerSSL):
     spatial augmentation and differ in independent intensity augmentation:
 
     - ``L = L_sup(f_theta(x_l), y) + lambda(t) * mean((softmax f_theta(u_a) - softmax f_theta'(u_b))^2)``
-    - ``lambda(t) = 0.1 * exp(-5 (1 - t/T_r)^2)`` for t < T_r, T_r = 20 % of all iterations
     - ``theta' <- alpha_t theta' + (1 - alpha_t) theta``, ``alpha_t = min(1 - 1/(t+1), 0.99)``
+
+    Presets (``preset``, or ``nnUNet_ssl_preset``):
+
+    - ``"default"``: lambda after the common 20 % ramp such that ``lambda L_unsup`` averages 0.2 (L_sup + 1)
+      (``unsupervised_share``, :mod:`nnunet_ssl.parts.balance`). The MSE averaged over every class and voxel,
+      mostly confident background, is 0.001-0.006 on Hippocampus, so with the paper's ``lambda = 0.1`` the term
+      was about 1e-4 of the supervised loss: supervised nnU-Net plus an EMA copy.
+    - ``"paper"``: ``lambda(t) = 0.1 exp(-5 (1 - t/T_r)^2)``, T_r = 20 % of all iterations, and the teacher sees
+      the student's view plus clipped Gaussian noise ``clip(N(0, 0.1^2), -0.2, 0.2)`` (SSL4MIS, and the official
+      MetaSSL Mean Teacher code).
 
     With ``uses_labeled_reference`` (MetaSSL) the teacher also predicts the labeled images.
 
     Deviations, and why:
 
     - L_sup is nnU-Net's deep-supervised Dice + CE (not SSL4MIS's 0.5 (CE + Dice)), so the baseline is nnU-Net.
-    - The teacher's input perturbation is nnU-Net's intensity augmentation on its own view instead of SSL4MIS's
-      clipped Gaussian noise N(0, 0.1^2) on the same tensor; both views keep identical geometry.
+    - Default preset: the teacher's input is nnU-Net's intensity augmentation on its own view
+      (``teacher_input = "view"``) instead of Gaussian noise on the same tensor, a perturbation defined by the
+      dataset's own augmentation; both views keep identical geometry.
     - The ramp runs over 20 % of the training (``rampup_fraction``) in iterations, not SSL4MIS's 200 x 150
       iterations, so shortened schedules keep the same shape.
     - The consistency uses the full-resolution output only; deep supervision applies to L_sup only.
     - Teacher buffers (BatchNorm statistics, if any) are copied from the student rather than averaged.
     """
 
+    paper_settings = {"unsupervised_weight": 0.1, "rampup_fraction": 0.2, "teacher_input": "noise"}
     ema_max_decay: float = 0.99
     reference_name = "teacher"
+    #: "view": the teacher predicts view 1 (its own intensity augmentation); "noise": view 0 + clipped noise
+    teacher_input: str = "view"
+    teacher_noise_std: float = 0.1
+    teacher_noise_clip: float = 0.2
 
     def build_ssl_modules(self) -> None:
         self.teacher = make_teacher(unwrap(self.network))
@@ -48,11 +64,24 @@ class MeanTeacher(nnUNetTrainerSSL):
     def reference_network(self) -> nn.Module | None:
         return getattr(self, "teacher", None)
 
+    def calibration_network(self) -> nn.Module | None:
+        return self.reference_network()
+
     def sync_reference_from_student(self) -> None:
         self.teacher.load_state_dict(unwrap(self.network).state_dict())
 
+    def teacher_image(self, step: SSLStep) -> torch.Tensor:
+        if self.teacher_input == "noise":
+            x = step.views["view0"]
+            noise = torch.randn_like(x) * self.teacher_noise_std
+            return x + noise.clamp(-self.teacher_noise_clip, self.teacher_noise_clip)
+        if self.teacher_input == "view":
+            return step.views["view1"]
+        raise SSLInputError(f"teacher_input={self.teacher_input!r} is unknown; set it to 'view' or 'noise'")
+
     def reference_logits(self, step: SSLStep) -> torch.Tensor:
-        return full_resolution(self.teacher(step.views["view1"]))
+        step.reference_image = self.teacher_image(step)
+        return full_resolution(self.teacher(step.reference_image))
 
     def reference_logits_labeled(self, step: SSLStep) -> torch.Tensor:
         return full_resolution(self.teacher(step.data))

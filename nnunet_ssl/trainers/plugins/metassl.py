@@ -27,8 +27,24 @@ class MetaSSL:
 
     Set ``metassl_order = "paper"`` for the abstract's UC > US > DC > DS order (default: the official 3D MT
     weights, UC > US > DS > DC), or the ``metassl_*`` attributes below in a subclass.
+
+    Presets (``preset``, or ``nnUNet_ssl_preset``):
+
+    - ``"default"``: region weights normalised to mean 1 (``metassl_normalise``), so both branches are on a CE's
+      scale, and lambda follows the common balance (``unsupervised_share``: after the 20 % ramp, lambda times the
+      bracket averages 0.2 (L_sup + n)); thresholds without the 0.9 cap (``metassl_cap = None``), so that they
+      follow the class-mean confidence of nnU-Net's over-confident softmax instead of sitting at the cap from the
+      first epochs (logged: they did on Hippocampus), and "confident" keeps meaning "above this class's average";
+      the reference's confidence is read after temperature scaling on the fold's validation cases (hosts with one
+      reference: Mean Teacher, FixMatch; :class:`~nnunet_ssl.trainers.calibration.ReferenceCalibration`).
+    - ``"paper"``: the official 3D code: unnormalised weights (the bracket is 60-260 on Hippocampus, 7-25 times
+      ``|L_sup|`` at lambda 0.1, which nnU-Net's gradient clipping then rescales), cap 0.9, lambda 0.1 over 20 %.
     """
 
+    paper_settings = {"unsupervised_share": None, "unsupervised_weight": 0.1, "rampup_fraction": 0.2,
+                      "metassl_cap": 0.9, "metassl_normalise": False, "calibrate_reference": False}
+    #: the reference's confidence defines the unlabeled regions: read it after temperature scaling
+    calibrate_reference = True
     unsupervised_weight = 0.1
     rampup_fraction = 0.2
     uses_labeled_reference = True
@@ -36,7 +52,9 @@ class MetaSSL:
     metassl_order: str = "code"
     metassl_alpha: float = 0.5
     metassl_tau0: float = 0.9
-    metassl_cap: float | None = 0.9
+    metassl_cap: float | None = None
+    #: divide each branch by its total voxel weight (mean-1 voxel weights); False in the official code
+    metassl_normalise: bool = True
     metassl_unlabeled_weights: RegionWeights | None = None
     metassl_labeled_weights: RegionWeights | None = None
 
@@ -47,7 +65,7 @@ class MetaSSL:
                         unlabeled_weights=self.metassl_unlabeled_weights,
                         labeled_weights=self.metassl_labeled_weights, alpha=self.metassl_alpha,
                         tau0=self.metassl_tau0, cap=self.metassl_cap, ignore_label=self.label_manager.ignore_label,
-                        regions=self.label_manager.has_regions).to(self.device)
+                        regions=self.label_manager.has_regions, normalise=self.metassl_normalise).to(self.device)
             for _ in range(self.loss_directions)]
 
     def unsupervised_loss(self, student_logits: torch.Tensor, reference_logits: torch.Tensor, step: SSLStep,

@@ -29,7 +29,7 @@ def test_fixmatch_mixes_strong_view_and_pseudo_labels_with_the_same_boxes(copy_p
     budget_split(copy_planned)
     trainer = make_trainer(nnUNetTrainerFixMatch, copy_planned["root"], copy_planned["dataset"], monkeypatch)
     trainer.initialize()
-    trainer.cutmix_probability = 1.0
+    assert trainer.cutmix_probability == 1.0  # the default preset mixes every sample
     trainer.network = _Identity(3)
     weak = torch.randn(4, 1, 8, 8, 8)
     step = SSLStep(data=torch.zeros(0, 1, 8, 8, 8), target=torch.zeros(0), views={"view0": weak, "view1": weak.clone()},
@@ -39,8 +39,7 @@ def test_fixmatch_mixes_strong_view_and_pseudo_labels_with_the_same_boxes(copy_p
     assert step.mix is not None and step.mix.flatten(1).any(1).all()  # the boxes travel on the step, not the trainer
     assert torch.equal(reference[:, 0:1], student_in)  # same boxes for the image and its pseudo-label
     assert not torch.equal(student_in, weak)
-    loss, stats = trainer.unsupervised_loss(torch.randn(4, 3, 8, 8, 8), torch.randn(4, 3, 8, 8, 8) * 10, step)
-    assert stats["mixed_fraction"] == pytest.approx(float(step.mix.float().mean()))
+    loss, _ = trainer.unsupervised_loss(torch.randn(4, 3, 8, 8, 8), torch.randn(4, 3, 8, 8, 8) * 10, step)
     assert loss.dtype == torch.float32 and loss.item() > 0
 
 

@@ -7,6 +7,7 @@ import copy
 import csv
 import math
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,8 +28,114 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_ssl.compat.trainer import unwrap
 from nnunet_ssl.errors import SSLInputError
+from nnunet_ssl.parts.balance import LossBalance
 from nnunet_ssl.trainers import nnUNetTrainerMEDL, nnUNetTrainerMEDLNet2
+from nnunet_ssl.trainers.base import ENV_PRESET, nnUNetTrainerSSL
 from nnunet_ssl.trainers.hosts.architectures import RESENC_BLOCKS_PER_STAGE, build_other_unet, other_unet_architecture
+from nnunet_ssl.trainers.hosts.two_networks import TwoNetworks
+from nnunet_ssl.trainers.step import SSLStep
+
+#: what ``preset = "paper"`` must restore: MEDL's configuration before the presets existed
+PAPER = {"unsupervised_share": None, "unsupervised_weight": 0.1, "rampup_fraction": 1.0,
+         "medl_reliability_quantile": None, "medl_pseudo_label_warmup": False}
+
+
+class _PaperMEDL(nnUNetTrainerMEDL):
+    preset = "paper"
+
+
+def _bare_medl(monkeypatch, cls=nnUNetTrainerMEDL, step: int = 0):
+    """A MEDL trainer object without nnU-Net's __init__ (no plans, no networks): its class attributes after
+    ``apply_preset``, the schedule of 10 x 10 iterations at ``step`` and the loss module."""
+    monkeypatch.setattr(TwoNetworks, "build_ssl_modules", lambda self: None)
+    trainer = cls.__new__(cls)
+    trainer.apply_preset()
+    trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.ssl_step = 10, 10, step
+    trainer.loss_balance = LossBalance(initial_weight=trainer.unsupervised_weight)
+    trainer.label_manager = SimpleNamespace(ignore_label=None)
+    trainer.build_ssl_modules()
+    return trainer
+
+
+def _medl_attributes(trainer) -> dict:
+    return {k: getattr(trainer, k) for k in dir(type(trainer)) if k.startswith("medl_") and
+            not callable(getattr(trainer, k))}
+
+
+def test_medl_default_preset_acts_and_paper_preset_restores_the_published_configuration(monkeypatch):
+    monkeypatch.delenv(ENV_PRESET, raising=False)
+    default = _bare_medl(monkeypatch)
+    assert default.preset == "default"
+    # lambda_GWU follows the common convention of the base class; L_u is masked by R and warmed up
+    assert default.unsupervised_share == nnUNetTrainerSSL.unsupervised_share == 0.2
+    assert default.rampup_fraction == nnUNetTrainerSSL.rampup_fraction == 0.2
+    assert default.medl_reliability_quantile == 0.2 and default.medl_pseudo_label_warmup
+    assert default.medl_loss.reliability_quantile == 0.2
+    for paper in (_bare_medl(monkeypatch, _PaperMEDL), None):
+        if paper is None:  # the environment variable does the same for the catalogue class
+            monkeypatch.setenv(ENV_PRESET, "paper")
+            paper = _bare_medl(monkeypatch)
+        assert paper.preset == "paper"
+        assert {k: getattr(paper, k) for k in PAPER} == PAPER
+        assert paper.medl_loss.reliability_quantile is None
+        # nothing else changes, and the class keeps its defaults
+        others = {k: v for k, v in _medl_attributes(paper).items() if k not in PAPER}
+        assert others == {k: v for k, v in _medl_attributes(default).items() if k not in PAPER}
+        assert others["medl_pseudo_label_weight"] == others["medl_weighted_labeled_weight"] == 1.0
+        assert others["medl_fisher_coefficient"] == 0.05 and others["medl_curriculum_direction"] == "easy_to_hard"
+    assert nnUNetTrainerMEDL.medl_reliability_quantile == 0.2 and nnUNetTrainerMEDL.unsupervised_share == 0.2
+
+
+def _logits(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    unlabeled = [torch.randn(2, 3, 4, 4, 4, generator=g) * 2 for _ in range(2)]
+    labeled = [torch.randn(2, 3, 4, 4, 4, generator=g) * 2 for _ in range(2)]
+    return unlabeled, labeled, torch.randint(0, 3, (2, 4, 4, 4), generator=g)
+
+
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_medl_step_weights_lambda_only_the_fisher_term_and_warms_up_the_pseudo_labels(monkeypatch, preset):
+    monkeypatch.setenv(ENV_PRESET, preset)
+    trainer = _bare_medl(monkeypatch, step=10)  # iteration 10 of 100
+    unlabeled, labeled, labels = _logits(0)
+    if preset == "default":  # the common ramp over 20 iterations, lambda = ramp * the balance's first weight
+        ramp = math.exp(-5 * (1 - 10 / 20) ** 2)
+        w_u, lam = ramp, 0.1 * ramp
+    else:  # L_u at weight 1, lambda_GWU = 0.1 exp(-5 (1 - t / T)^2) over all 100 iterations
+        w_u, lam = 1.0, 0.1 * math.exp(-5 * (1 - 10 / 100) ** 2)
+    assert trainer.ramp() == pytest.approx(ramp if preset == "default" else lam / 0.1)
+    assert trainer.current_lambda() == pytest.approx(lam)
+    step = SSLStep(data=torch.zeros(2, 1, 4, 4, 4), target=[labels[:, None].float()], views={},
+                   lam=trainer.current_lambda())
+    fisher, stats = trainer.mutual_loss(unlabeled, labeled, step)
+    terms = trainer.medl_loss(unlabeled, labeled, labels, 0.1)  # progress q / Q = 10 / 100
+    assert float(fisher) == pytest.approx(float(terms.fisher), rel=1e-6)
+    sup = torch.tensor(1.5)
+    expected = 1.5 + w_u * float(terms.pseudo_label) + float(terms.weighted_labeled) + lam * float(terms.fisher)
+    assert float(step.total(sup, fisher)) == pytest.approx(expected, rel=1e-6)
+    assert stats["medl_pseudo_weight"] == pytest.approx(w_u)
+    # paper: weight-1 constant terms; default: the warmed-up L_u is a scheduled term beside the constant L_wl
+    assert len(step.constant_losses) == (2 if preset == "paper" else 1) and \
+        len(step.scheduled_losses) == (0 if preset == "paper" else 1)
+    # the reliability acts as a mask (at least 1 - q of the voxels kept) or as R itself
+    if preset == "default":
+        assert 0.8 <= stats["medl_kept"] < 1.0
+    else:
+        assert stats["medl_kept"] == pytest.approx(stats["medl_reliability"])
+    assert {"ssl_medl_kept", "ssl_medl_pseudo_weight"} <= set(trainer.ssl_log_keys())
+
+
+def test_medl_warns_when_the_reliability_keeps_nearly_nothing_or_a_soft_weight_barely_acts(monkeypatch):
+    monkeypatch.delenv(ENV_PRESET, raising=False)
+    default, paper = _bare_medl(monkeypatch), _bare_medl(monkeypatch, _PaperMEDL)
+    assert any("keeps only 0.5%" in w for w in default.mechanism_warnings({"ssl_medl_kept": 0.005}))
+    assert not any("MEDL" in w for w in default.mechanism_warnings({"ssl_medl_kept": 0.8}))
+    assert any("barely changes L_u" in w for w in paper.mechanism_warnings({"ssl_medl_kept": 0.995}))
+    assert not any("MEDL" in w for w in paper.mechanism_warnings({"ssl_medl_kept": 0.9}))
+    assert any("keeps only" in w for w in paper.mechanism_warnings({"ssl_medl_kept": 0.001}))
+    # the base class's warnings are kept
+    assert any("negligible" in w for w in default.mechanism_warnings({"ssl_ramp": 1.0, "ssl_unsup_share": 1e-4,
+                                                                      "ssl_medl_kept": 0.8}))
 
 
 def test_second_network_is_the_other_unet_with_the_same_pooling(synthetic_planned):
@@ -81,16 +188,19 @@ def test_medl_trains_both_networks_and_checkpoints_them(copy_planned, monkeypatc
                     "ssl_medl_reliability", "ssl_medl_uncertainty", "ssl_medl_agreement", "ssl_confidence"):
             assert math.isfinite(stats[key]), key
         assert 0 < stats["ssl_medl_reliability"] <= 1 and 0 < stats["ssl_medl_uncertainty"] < 1
-        # L = L_l + L_u + L_wl + lambda L_I: the supervised loss is nnU-Net's Dice + CE (L_l) alone, L_u and L_wl
-        # have weight 1 and their own log keys, L_I (FIE) is ramped by lambda
-        assert float(out["loss"]) == pytest.approx(stats["ssl_sup_loss"] + stats["ssl_medl_pseudo"]
+        # L = L_l + r(t) L_u + L_wl + lambda L_I: the supervised loss is nnU-Net's Dice + CE (L_l) alone, L_u (warmed
+        # up by the common ramp) and L_wl have their own log keys, L_I (FIE) is scaled by lambda
+        assert stats["ssl_medl_pseudo_weight"] == pytest.approx(stats["ssl_ramp"]) and stats["ssl_ramp"] > 0.9
+        assert float(out["loss"]) == pytest.approx(stats["ssl_sup_loss"]
+                                                   + stats["ssl_medl_pseudo_weight"] * stats["ssl_medl_pseudo"]
                                                    + stats["ssl_medl_weighted_ce"]
                                                    + stats["ssl_lambda"] * stats["ssl_medl_fisher"], rel=1e-5)
         assert stats["ssl_unsup_loss"] == pytest.approx(stats["ssl_medl_fisher"], rel=1e-5)
+        assert 0.8 <= stats["ssl_medl_kept"] <= 1.0  # the reliability mask keeps >= 1 - q of each pseudo-class
         panels = dict(trainer.ssl_plot_panels())
         assert panels["MEDL losses (both networks)"]["L_l (Dice+CE)"] == "ssl_sup_loss"
         assert trainer.training_progress() == pytest.approx(2 / 4)
-        assert trainer.rampup_fraction == 1.0 and trainer.medl_curriculum_direction == "easy_to_hard"
+        assert trainer.rampup_fraction == 0.2 and trainer.medl_curriculum_direction == "easy_to_hard"
 
         ckpt = tmp_path / "medl.pth"
         trainer.save_checkpoint(str(ckpt))
@@ -120,6 +230,15 @@ def test_medl_trains_both_networks_and_checkpoints_them(copy_planned, monkeypatc
     assert final1["trainer_name"] == "nnUNetTrainerMEDL"
     with pytest.raises(SSLInputError, match="train with -tr nnUNetTrainerMEDL"):
         make_trainer(nnUNetTrainerMEDLNet2, copy_planned["root"], copy_planned["dataset"], monkeypatch)
+
+
+def test_medl_paper_preset_on_a_built_trainer(copy_planned, monkeypatch):
+    budget_split(copy_planned)
+    monkeypatch.setenv(ENV_PRESET, "paper")
+    trainer = make_trainer(nnUNetTrainerMEDL, copy_planned["root"], copy_planned["dataset"], monkeypatch)
+    assert trainer.preset == "paper" and {k: getattr(trainer, k) for k in PAPER} == PAPER
+    trainer.initialize()
+    assert trainer.medl_loss.reliability_quantile is None and trainer.pseudo_label_schedule() == 1.0
 
 
 # ---------------------------------------------------------------------------------------------- end to end

@@ -45,7 +45,7 @@ def test_metassl_plugs_into_every_host_and_resumes_thresholds(cls, copy_planned,
         for branch in "ul":
             fractions = [stats[f"ssl_{branch}_frac_{r}"] for r in ("uc", "us", "dc", "ds")]
             assert sum(fractions) == pytest.approx(1.0, abs=1e-6)
-            assert all(0 < stats[f"ssl_{branch}_tau_{c}"] <= 0.9 for c in range(3))
+            assert all(0 < stats[f"ssl_{branch}_tau_{c}"] <= 1.0 for c in range(3))  # no cap in the default preset
         assert len(trainer.metassl_losses) == (2 if cls is nnUNetTrainerCPSMetaSSL else 1)
         ckpt = tmp_path / "m.pth"
         trainer.save_checkpoint(str(ckpt))

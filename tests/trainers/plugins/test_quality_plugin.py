@@ -4,6 +4,7 @@ dataset with an untrained saved predictor, and from the command line after nnUNe
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -12,21 +13,30 @@ from helpers import budget_split, make_trainer, save_untrained_quality_predictor
 
 from nnunet_ssl.compat.trainer import unwrap
 from nnunet_ssl.errors import SSLInputError
+from nnunet_ssl.losses import quality as qg
 from nnunet_ssl.losses.metassl import MetaSSLLoss
 from nnunet_ssl.parts.ramps import sigmoid_rampup
 from nnunet_ssl.trainers import (
+    nnUNetTrainerMeanTeacherMetaSSL,
     nnUNetTrainerMeanTeacherQAR,
     nnUNetTrainerMeanTeacherQualityGuided,
     nnUNetTrainerMeanTeacherQualityGuidedMetaSSL,
     nnUNetTrainerMeanTeacherQW,
 )
-from nnunet_ssl.trainers.plugins.quality import ENV_QUALITY_CHECKPOINT, file_sha256
+from nnunet_ssl.trainers.base import ENV_PRESET, paper_settings_of
+from nnunet_ssl.trainers.plugins.quality import ENV_QUALITY_CHECKPOINT, QualityGuidance, file_sha256
 from nnunet_ssl.trainers.step import SSLStep
 
 
-class _AllActive(nnUNetTrainerMeanTeacherQualityGuided):
-    """Both mechanisms at full weight from the first step, every pseudo-label kept."""
+@pytest.fixture(autouse=True)
+def _no_preset_from_the_environment(monkeypatch):
+    monkeypatch.delenv(ENV_PRESET, raising=False)
 
+
+class _AllActive(nnUNetTrainerMeanTeacherQualityGuided):
+    """Both mechanisms at the paper's full weight from the first step, every pseudo-label kept."""
+
+    preset = "paper"
     qar_delay_fraction = qar_rampup_fraction = 0.0
     qw_delay_fraction = qw_rampup_fraction = 0.0
     qw_threshold = 0.0
@@ -109,6 +119,10 @@ def test_steps_gradient_through_frozen_predictor_and_checkpoint_roundtrip(copy_p
         assert set(saved["network_weights"]) == set(student.state_dict())
         assert saved["ssl_state"]["quality_predictor"] == {"path": str(path.resolve()), "sha256": file_sha256(path)}
         assert saved["ssl_state"]["ssl_step"] == 2
+        assert saved["ssl_state"]["qar_balance"] == trainer.qar_balance.state_dict()
+        assert saved["ssl_state"]["quality_threshold"] == trainer.quality_threshold.state_dict()
+        # the paper preset feeds neither QAR's balance nor the threshold's EMA
+        assert trainer.qar_balance.steps == 0 and trainer.quality_threshold.steps == 0
 
         # --c: counters and teacher come back; a replaced predictor file is reported
         _save_untrained_predictor(trainer, seed=1)
@@ -116,7 +130,13 @@ def test_steps_gradient_through_frozen_predictor_and_checkpoint_roundtrip(copy_p
         resumed = make_trainer(_AllActive, copy_planned["root"], copy_planned["dataset"], monkeypatch, epochs=2,
                                iterations=2, continue_training=True)
         resumed.load_checkpoint(str(ckpt))
-        assert resumed.ssl_step == 2
+        assert resumed.ssl_step == 2 and resumed.preset == "paper"
+        resumed.qar_balance.load_state_dict({"sup": 0.5, "unsup": 0.25, "steps": 7})
+        resumed.quality_threshold.load_state_dict({"ema": 0.3, "steps": 3})
+        resumed.load_ssl_state_dict({**saved["ssl_state"], "qar_balance": {"sup": 0.1, "unsup": 0.2, "steps": 11},
+                                     "quality_threshold": {"ema": 0.4, "steps": 5}})
+        assert resumed.qar_balance.state_dict() == {"sup": 0.1, "unsup": 0.2, "steps": 11}
+        assert resumed.quality_threshold.state_dict() == {"ema": 0.4, "steps": 5}
         for k, v in trainer.teacher.state_dict().items():
             assert torch.equal(resumed.teacher.state_dict()[k], v), k
         assert "warning: this training started with the quality predictor" in capsys.readouterr().out
@@ -125,23 +145,176 @@ def test_steps_gradient_through_frozen_predictor_and_checkpoint_roundtrip(copy_p
     assert (trainer.output_folder and (copy_planned["root"] / "results").exists())
 
 
-def test_schedules_of_each_trainer(copy_planned, monkeypatch):
+def test_paper_preset_restores_the_official_configuration(copy_planned, monkeypatch):
+    budget_split(copy_planned)
+    roots = (copy_planned["root"], copy_planned["dataset"])
+    official = {"qar_share": None, "qar_official_ramp": True, "qar_weight": 0.01, "qar_delay_fraction": 0.15,
+                "qar_rampup_fraction": 0.2, "qw_official_lambda": True, "qw_weight": 0.25, "qw_delay_fraction": 0.075,
+                "qw_rampup_fraction": 0.15, "qw_threshold": 0.5, "qw_adaptive_threshold": False,
+                "qw_temperature": 2.0, "qw_per": "sample", "unsupervised_share": None}
+    ours = {**official, "qar_share": 0.05, "max_qar_weight": 1.0, "qar_official_ramp": False,
+            "qw_official_lambda": False, "qw_adaptive_threshold": True, "unsupervised_share": 0.2}
+    settings = {"qar_share": None, "qar_official_ramp": True, "qw_official_lambda": True,
+                "qw_adaptive_threshold": False}
+    assert QualityGuidance.paper_settings == settings
+    for cls in (nnUNetTrainerMeanTeacherQAR, nnUNetTrainerMeanTeacherQW, nnUNetTrainerMeanTeacherQualityGuided,
+                nnUNetTrainerMeanTeacherQualityGuidedMetaSSL):
+        assert settings.items() <= paper_settings_of(cls).items()
+        default = make_trainer(cls, *roots, monkeypatch)
+        assert default.preset == "default"
+        assert {k: getattr(default, k) for k in ours} == ours, cls.__name__
+        monkeypatch.setenv(ENV_PRESET, "paper")
+        paper = make_trainer(cls, *roots, monkeypatch)
+        monkeypatch.delenv(ENV_PRESET)
+        assert paper.preset == "paper"
+        assert {k: getattr(paper, k) for k in official} == official, cls.__name__
+        assert {k: getattr(cls, k) for k in ours if k != "unsupervised_share"} == \
+            {k: v for k, v in ours.items() if k != "unsupervised_share"}  # the class keeps our defaults
+    # the class attribute selects the paper preset as the environment variable does
+    by_attribute = make_trainer(_AllActive, *roots, monkeypatch)
+    assert by_attribute.qar_share is None and by_attribute.qw_official_lambda and by_attribute.qar_delay_fraction == 0
+
+
+def _feed(trainer, sup: float, unsup: float, qar: float, steps: int = 10) -> None:
+    """``steps`` training steps' loss sizes, as ``train_step`` passes them (QAR's from ``unsupervised_loss``)."""
+    for _ in range(steps):
+        step = SSLStep(data=torch.zeros(0), target=torch.zeros(0), views={}, lam=0.0)
+        if isinstance(trainer, QualityGuidance):
+            step.observe("qar", torch.tensor(qar))
+        trainer.observe_losses(step, torch.tensor(sup), torch.tensor(unsup))
+
+
+def test_paper_schedules_of_each_trainer(copy_planned, monkeypatch):
+    budget_split(copy_planned)
+    roots = (copy_planned["root"], copy_planned["dataset"])
+    monkeypatch.setenv(ENV_PRESET, "paper")
+    qar = make_trainer(nnUNetTrainerMeanTeacherQAR, *roots, monkeypatch, epochs=10, iterations=10)
+    qw = make_trainer(nnUNetTrainerMeanTeacherQW, *roots, monkeypatch, epochs=10, iterations=10)
+    meta = make_trainer(nnUNetTrainerMeanTeacherQualityGuidedMetaSSL, *roots, monkeypatch, epochs=10, iterations=10)
+    plain_meta = make_trainer(nnUNetTrainerMeanTeacherMetaSSL, *roots, monkeypatch, epochs=10, iterations=10)
+    for t in (qar, qw, meta, plain_meta):  # loss sizes change nothing in the paper preset
+        _feed(t, -0.2, 0.3, 0.4)
+    for step, qar_w, qw_lam in ((0, 0.0, 0.0), (7, 0.0, 0.0), (15, 0.0, 0.25 * 0.5), (25, 0.01 * 0.5, 0.25),
+                                (40, 0.01, 0.25)):
+        for t in (qar, qw, meta, plain_meta):
+            t.ssl_step = step
+        # QAR keeps the Mean Teacher's lambda (0.1, sigmoid over 20 %) and adds its own linear ramp; PL-QW brings its
+        # own lambda
+        assert qar.current_qar_weight() == pytest.approx(qar_w)
+        assert qar.current_lambda() == pytest.approx(0.1 * sigmoid_rampup(step, 20))
+        assert qw.current_qar_weight() == 0.0 and qw.current_lambda() == pytest.approx(qw_lam)
+        # MetaSSL keeps its own lambda; QAR its own ramp
+        assert meta.current_qar_weight() == pytest.approx(qar_w)
+        assert meta.current_lambda() == pytest.approx(plain_meta.current_lambda())
+    assert qar.qar_balance.steps == 0
+
+
+def test_default_schedules_follow_the_common_ramp_and_the_loss_sizes(copy_planned, monkeypatch):
     budget_split(copy_planned)
     roots = (copy_planned["root"], copy_planned["dataset"])
     qar = make_trainer(nnUNetTrainerMeanTeacherQAR, *roots, monkeypatch, epochs=10, iterations=10)
     qw = make_trainer(nnUNetTrainerMeanTeacherQW, *roots, monkeypatch, epochs=10, iterations=10)
     meta = make_trainer(nnUNetTrainerMeanTeacherQualityGuidedMetaSSL, *roots, monkeypatch, epochs=10, iterations=10)
-    for step, qar_w, qw_lam in ((0, 0.0, 0.0), (7, 0.0, 0.0), (15, 0.0, 0.25 * 0.5), (25, 0.01 * 0.5, 0.25),
-                                (40, 0.01, 0.25)):
-        for t in (qar, qw, meta):
+    plain_meta = make_trainer(nnUNetTrainerMeanTeacherMetaSSL, *roots, monkeypatch, epochs=10, iterations=10)
+    # before 10 observed steps: lambda_QAR = qar_weight (0.01), the host's lambda its initial weight (0.1)
+    for step in (0, 10, 40):
+        qar.ssl_step = qw.ssl_step = step
+        assert qar.current_qar_weight() == pytest.approx(0.01 * sigmoid_rampup(step, 20))
+        assert qw.current_lambda() == pytest.approx(0.1 * sigmoid_rampup(step, 20))
+    # L_sup = -0.2 with one network: L_sup + n = 0.8; L_QAR = 0.4, L_unsup = 0.3
+    for t in (qar, qw, meta, plain_meta):
+        _feed(t, -0.2, 0.3, 0.4)
+    # lambda_QAR = ramp * 0.05 * 0.8 / 0.4 = 0.1 ramp: lambda_QAR L_QAR = 5 % of L_sup + n (swapped sizes: 0.025)
+    assert qar.qar_balance.averages() == pytest.approx((0.8, 0.4))
+    for step in (0, 10, 20, 40):
+        for t in (qar, qw, meta, plain_meta):
             t.ssl_step = step
-        # QAR keeps the Mean Teacher's lambda and adds its own ramp; PL-QW brings its own lambda
-        assert qar.current_qar_weight() == pytest.approx(qar_w)
-        assert qar.current_lambda() == pytest.approx(0.1 * sigmoid_rampup(step, 20))
-        assert qw.current_qar_weight() == 0.0 and qw.current_lambda() == pytest.approx(qw_lam)
-        # MetaSSL keeps its own lambda (0.1, sigmoid over 20 %); QAR its own ramp
-        assert meta.current_qar_weight() == pytest.approx(qar_w)
-        assert meta.current_lambda() == pytest.approx(0.1 * sigmoid_rampup(step, 20))
+        ramp = sigmoid_rampup(step, 20)
+        assert qar.current_qar_weight() == pytest.approx(0.1 * ramp)
+        assert meta.current_qar_weight() == pytest.approx(0.1 * ramp)
+        # PL-QW follows the host's lambda: ramp * 0.2 * 0.8 / 0.3 (not the official 0.25 linear ramp)
+        assert qw.current_qar_weight() == 0.0 and qw.current_lambda() == pytest.approx(ramp * 0.2 * 0.8 / 0.3)
+        assert qar.current_lambda() == pytest.approx(ramp * 0.2 * 0.8 / 0.3)
+        assert meta.current_lambda() == pytest.approx(plain_meta.current_lambda())
+    qar.ssl_step = 40
+    qar.max_qar_weight = 0.03
+    assert qar.current_qar_weight() == pytest.approx(0.03)  # the cap
+    assert qw.qar_balance.steps == 0  # only QAR feeds its balance
+
+
+def test_pl_qw_gate_and_weights_for_given_quality_in_both_presets(copy_planned, monkeypatch):
+    budget_split(copy_planned)
+    roots = (copy_planned["root"], copy_planned["dataset"])
+    torch.manual_seed(0)
+    student = torch.randn(3, 3, 4, 4, 4, requires_grad=True)
+    reference = torch.randn(3, 3, 4, 4, 4)
+    labels = reference.argmax(1)
+    image = torch.randn(3, 1, 4, 4, 4)
+    # each sample's own loss l_b (a single sample's weight cancels)
+    per_sample = [qg.quality_weighted_pseudo_label_loss(student[b:b + 1].detach(), labels[b:b + 1],
+                                                        torch.ones(1, 2), tau=0.0).item() for b in range(3)]
+    # sample means 0.25, 0.15, 0.4 (batch mean 0.8 / 3), then 0.9, 0.45, 0.3 (batch mean 0.55)
+    batches = [torch.tensor([[0.3, 0.2], [0.1, 0.2], [0.4, 0.4]]), torch.tensor([[0.9, 0.9], [0.45, 0.45], [0.3, 0.3]])]
+    m2 = (0.99 * 0.8 / 3 + 0.55) / 1.99  # bias-corrected EMA after both batches
+    expected = {
+        # paper: tau = 0.5 drops the whole first batch (loss 0); keeps only 0.9 of the second
+        "paper": [(0.5, 0.0, 0.0), (0.5, 1 / 3, per_sample[0])],
+        # ours: tau_t = min(0.5, m_t) keeps the best of the first batch (0.4 >= 0.267), then 0.9 and 0.45 (>= 0.409)
+        # with weights 0.9^2 and 0.45^2
+        "default": [(0.8 / 3, 1 / 3, per_sample[2]),
+                    (m2, 2 / 3, (0.81 * per_sample[0] + 0.2025 * per_sample[1]) / (0.81 + 0.2025))],
+    }
+    for preset, rows in expected.items():
+        monkeypatch.setenv(ENV_PRESET, preset)
+        trainer = make_trainer(nnUNetTrainerMeanTeacherQW, *roots, monkeypatch)
+        for q, (tau, kept, loss_value) in zip(batches, rows):
+            trainer.quality_predictor = lambda image, mask, q=q: q
+            step = SSLStep(data=torch.zeros(0), target=torch.zeros(0), views={"view0": image, "view1": image},
+                           lam=0.1, student_image=image)
+            loss, stats = trainer.unsupervised_loss(student, reference, step)
+            assert stats["quality_threshold"] == pytest.approx(tau), preset
+            assert stats["quality_kept"] == pytest.approx(kept), preset
+            assert loss.item() == pytest.approx(loss_value, rel=1e-5, abs=1e-7), preset
+            assert not step.scheduled_losses  # no QAR on this trainer
+        (grad,) = torch.autograd.grad(loss, student)
+        assert torch.all(grad[2] == 0) and grad[0].abs().sum() > 0  # the dropped 0.3 gets no gradient
+        assert trainer.quality_threshold.steps == (2 if preset == "default" else 0)
+        assert trainer.current_qw_threshold() == pytest.approx(rows[-1][0])
+    # g scores the pseudo-label on the image the teacher saw: view 1, or view 0 + noise under the paper's teacher
+    views = {"view0": torch.zeros(1, 1, 4, 4, 4), "view1": torch.ones(1, 1, 4, 4, 4)}
+    step = SSLStep(data=torch.zeros(0), target=torch.zeros(0), views=views, lam=0.1)
+    assert trainer.quality_reference_image(step) is views["view1"]
+    trainer.teacher_input = "noise"
+    step.reference_image = trainer.teacher_image(step)
+    assert trainer.quality_reference_image(step) is step.reference_image
+    assert 0 < step.reference_image.abs().max() <= 0.2 + 1e-6
+
+
+def test_warnings_for_a_gate_that_keeps_nothing_and_a_negligible_qar(copy_planned, monkeypatch):
+    budget_split(copy_planned)
+    roots = (copy_planned["root"], copy_planned["dataset"])
+    means = {"ssl_ramp": 1.0, "ssl_unsup_share": 0.2, "ssl_other_share": 0.004, "ssl_coverage": 0.5,
+             "ssl_quality_kept": 0.006, "ssl_quality_threshold": 0.5, "ssl_quality_reference": 0.312}
+    for preset in ("default", "paper"):
+        monkeypatch.setenv(ENV_PRESET, preset)
+        both = make_trainer(nnUNetTrainerMeanTeacherQualityGuided, *roots, monkeypatch)
+        qar = make_trainer(nnUNetTrainerMeanTeacherQAR, *roots, monkeypatch)
+        for t in (both, qar):
+            t.ssl_step = t.total_iterations  # both QAR ramps at 1
+        warnings = both.mechanism_warnings(means)
+        assert len(warnings) == 2, preset
+        assert warnings[0] == ("the PL-QW gate kept 0.6% of the samples this epoch (q >= tau, tau 0.500, mean "
+                               "predicted Dice of the pseudo-labels 0.312): PL-QW drops nearly every pseudo-label")
+        assert warnings[1] == "lambda_QAR L_QAR is 0.004 of the supervised loss this epoch: QAR is negligible"
+        # above 1 % kept, and a QAR term of 5 %: nothing
+        assert both.mechanism_warnings({**means, "ssl_quality_kept": 0.011, "ssl_other_share": 0.05}) == []
+        # QAR alone: its kept fraction (logged only) is no gate
+        assert qar.mechanism_warnings(means) == [warnings[1]]
+        # early in QAR's ramp a small term is intended; the starved gate is reported at once
+        both.ssl_step = 0
+        assert both.mechanism_warnings(means) == [warnings[0]]
+    # the host's lines come first (a negligible unsupervised term)
+    assert both.mechanism_warnings({**means, "ssl_unsup_share": 0.001})[0].startswith("lambda L_unsup is 0.001")
 
 
 def test_metassl_combination_with_unit_weights_is_metassl(copy_planned, monkeypatch):
@@ -171,7 +344,11 @@ def test_metassl_combination_with_unit_weights_is_metassl(copy_planned, monkeypa
     loss, stats = trainer.unsupervised_loss(student, reference, step)
     (grad,) = torch.autograd.grad(loss, student)
     assert torch.all(grad[1] == 0) and grad[0].abs().sum() > 0
-    assert stats["quality_kept"] == 0.5 and not step.scheduled_losses  # QAR is still in its delay
+    assert stats["quality_kept"] == 0.5
+    # QAR from the first step on the common ramp, at qar_weight before the loss sizes are known: 0.01 exp(-5) (1 - q)
+    assert len(step.scheduled_losses) == 2
+    assert trainer.current_qar_weight() == pytest.approx(0.01 * math.exp(-5))
+    assert step.scheduled_losses[-1].item() == pytest.approx(0.01 * math.exp(-5) * 0.5)
 
 
 @pytest.mark.parametrize("cls", [nnUNetTrainerMeanTeacherQAR, nnUNetTrainerMeanTeacherQW,
@@ -188,8 +365,15 @@ def test_one_step_of_each_trainer_logs_quality(cls, copy_planned, monkeypatch):
         assert torch.isfinite(torch.as_tensor(out["loss"]))
         trainer.on_train_epoch_end([out])
         logged = trainer.logger.local_logger.my_fantastic_logging
-        for key in ("ssl_quality_student", "ssl_quality_reference", "ssl_quality_kept", "ssl_qar_weight"):
+        for key in ("ssl_quality_student", "ssl_quality_reference", "ssl_quality_kept", "ssl_quality_threshold",
+                    "ssl_qar_weight"):
             assert len(logged[key]) == 1 and 0.0 <= logged[key][0] <= 1.0, key
+        # the default preset: QAR's balance saw this step's sizes; PL-QW's threshold is at most the batch mean
+        assert trainer.qar_balance.steps == int(trainer.quality_qar)
+        assert trainer.quality_threshold.steps == int(trainer.quality_qw)
+        if trainer.quality_qw:
+            assert logged["ssl_quality_threshold"][0] == pytest.approx(min(0.5, trainer.quality_threshold.mean()))
+            assert logged["ssl_quality_kept"][0] > 0  # the best sample of the first batch passes
         if cls is nnUNetTrainerMeanTeacherQualityGuidedMetaSSL:
             assert sum(logged[f"ssl_u_frac_{r}"][0] for r in ("uc", "us", "dc", "ds")) == pytest.approx(1.0)
         panels = dict(trainer.ssl_plot_panels())
