@@ -178,7 +178,8 @@ def prerequisites(trainer: str, s: BenchmarkSettings, device: str, results_folde
 # running
 
 
-def _environment(paths: Paths, s: BenchmarkSettings, seed: int) -> dict[str, str]:
+def training_environment(paths: Paths, s: BenchmarkSettings, seed: int) -> dict[str, str]:
+    """The environment of every nnU-Net command of one run: its workspace, the schedule and the seed."""
     from nnunet_ssl import ext_trainer_path
 
     env = dict(os.environ)
@@ -201,7 +202,7 @@ def train(run: Run, paths: Paths, s: BenchmarkSettings, device: str, clock: Cloc
     names it in the progress line (e.g. the offline row's teacher)."""
     if (paths.model / "checkpoint_final.pth").is_file():
         return
-    env = _environment(paths, s, run.seed)
+    env = training_environment(paths, s, run.seed)
     resume = (paths.model / "checkpoint_latest.pth").is_file()
     how = "resuming from checkpoint_latest.pth" if resume else "from scratch"
     print(f"{clock.stamp()}   training {role}({how})", flush=True)
@@ -237,7 +238,7 @@ def offline_pseudolabel(run: Run, paths: Paths, s: BenchmarkSettings, device: st
     if not link.exists():
         link.symlink_to(raw.resolve())
     checkpoints = [c for c in (snapshot_name(1, 3), snapshot_name(2, 3)) if (teacher.model / c).is_file()]
-    env = {**_environment(paths, s, run.seed), "nnUNet_raw": str(paths.raw)}
+    env = {**training_environment(paths, s, run.seed), "nnUNet_raw": str(paths.raw)}
     cmd = ["nnUNetv2_ssl_pseudolabel", "-d", s.dataset, "-t", str(OFFLINE_DATASET_ID), "--name", offline_name(s),
            "-o", str(paths.offline_work), "-m", str(teacher.model.parent), "-f", str(s.fold),
            "-chk", *checkpoints, "checkpoint_final.pth", "--split-fold", str(s.fold), "--rounds",
@@ -257,7 +258,7 @@ def offline_pseudolabel(run: Run, paths: Paths, s: BenchmarkSettings, device: st
 def execute(run: Run, paths: Paths, s: BenchmarkSettings, test_images: Path, test_labels: Path,
             test_ids: list[str], device: str, dataset_json: Path, clock: Clock, raw: Path | None = None) -> None:
     """The missing steps of one run: training (or its resumption), test prediction, evaluation."""
-    env = _environment(paths, s, run.seed)
+    env = training_environment(paths, s, run.seed)
     predict_dataset, predict_trainer, predict_fold = s.dataset, run.trainer, s.fold
     if run.trainer == OFFLINE:
         offline_pseudolabel(run, paths, s, device, raw or Path(datasets.raw_dataset_folder(s.dataset)), clock)
@@ -375,7 +376,7 @@ def run_benchmark(s: BenchmarkSettings, out: Path, device: str = "cuda", test_im
         prepare_workspace(paths, pp, s.dataset, splits_for(base, run.budget, run.seed, s.fold, groups))
         for cmd in prerequisites(run.trainer, s, device, paths.results):
             print(f"{clock.stamp()}   prerequisite: {' '.join(cmd)}", flush=True)
-            run_stage(cmd, _environment(paths, s, run.seed), paths.logs / f"prerequisite_{run.trainer}.log",
+            run_stage(cmd, training_environment(paths, s, run.seed), paths.logs / f"prerequisite_{run.trainer}.log",
                       paths.workspace)
         try:
             execute(run, paths, s, test_folder, labels, ids, device, pp / "dataset.json", clock, raw)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,18 +125,11 @@ def _workspace(spec: SweepSpec, s: BenchmarkSettings) -> Paths:
 
 
 def _environment(ws: Paths, s: BenchmarkSettings, seed: int, results: Path, point: dict[str, str]) -> dict[str, str]:
-    from nnunet_ssl import ext_trainer_path
+    from nnunet_ssl.evaluation.benchmark import training_environment
 
-    env = dict(os.environ)
-    settings = {k: v for k, v in point.items() if k != "preset"}
-    env.update(nnUNet_preprocessed=str(ws.preprocessed), nnUNet_raw=str(ws.raw), nnUNet_results=str(results),
-               nnUNet_extTrainer=ext_trainer_path(), nnUNet_ssl_epochs=str(s.epochs),
-               nnUNet_ssl_iterations_per_epoch=str(s.iterations_per_epoch),
-               nnUNet_ssl_val_iterations=str(s.val_iterations), nnUNet_ssl_seed=str(seed), PYTHONUNBUFFERED="1",
-               nnUNet_ssl_preset=point.get("preset", "default"),
-               nnUNet_ssl_settings=", ".join(f"{k}={v}" for k, v in settings.items()))
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return env
+    settings = ", ".join(f"{k}={v}" for k, v in point.items() if k != "preset")
+    return {**training_environment(ws, s, seed), "nnUNet_raw": str(ws.raw), "nnUNet_results": str(results),
+            "nnUNet_ssl_preset": point.get("preset", "default"), "nnUNet_ssl_settings": settings}
 
 
 def run_sweep(spec: SweepSpec) -> dict:
