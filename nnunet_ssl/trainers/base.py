@@ -230,13 +230,13 @@ class nnUNetTrainerSSL(UnlabeledData, ReferenceCalibration, SSLLogs, AtomicCheck
 
     def ssl_state_dict(self) -> dict:
         return {"ssl_step": self.ssl_step, "loss_balance": self.loss_balance.state_dict(), "preset": self.preset,
-                "settings": {k: repr(v) for k, v in self.settings.items()}, "temperature": self.temperature}
+                "settings": {k: repr(v) for k, v in self.settings.items()}, "temperatures": list(self.temperatures)}
 
     def load_ssl_state_dict(self, state: dict) -> None:
         self.ssl_step = int(state["ssl_step"])
         if "loss_balance" in state:  # checkpoints of older versions have none: the balance restarts
             self.loss_balance.load_state_dict(state["loss_balance"])
-        self.temperature = float(state.get("temperature", 1.0))
+        self.temperatures = [float(t) for t in state.get("temperatures", self.temperatures)]
         saved = state.get("preset", self.preset)
         if saved != self.preset:
             raise SSLInputError(f"the checkpoint was trained with preset {saved!r}, this run uses {self.preset!r}; "

@@ -52,10 +52,7 @@ class SSLLogs:
             ("pseudo-labels", {"mean confidence": "ssl_confidence",
                                f"coverage (conf >= {self.confidence_threshold})": "ssl_coverage"}),
             ("validation pseudo-Dice", {self.student_name: "mean_fg_dice", self.reference_name: "ssl_reference_dice"}),
-            *([("calibration on validation voxels", {"ECE, softmax": "ssl_ece_raw",
-                                                     "ECE, softmax / T": "ssl_ece_calibrated",
-                                                     "temperature T": "ssl_temperature"})]
-              if self.calibrate_reference else []),
+            *self.calibration_plot_panel(),
         ]
 
     def record_step_stats(self, stats: dict[str, float]) -> None:

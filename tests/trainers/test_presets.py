@@ -212,7 +212,7 @@ def test_fixmatch_fits_its_temperature_on_validation_patches_and_gates_with_it(c
         assert trainer.temperature != 1.0 and log["ssl_temperature"] == [trainer.temperature]
         assert 0 <= log["ssl_ece_raw"][0] <= 1 and 0 <= log["ssl_ece_calibrated"][0] <= 1
         assert log["ssl_sup_loss"] and len(log["ssl_sup_loss"]) == 1  # step means and validation keys apart
-        assert nnUNetTrainerSSL.ssl_state_dict(trainer)["temperature"] == trainer.temperature
+        assert nnUNetTrainerSSL.ssl_state_dict(trainer)["temperatures"] == [trainer.temperature]
         # the gate reads softmax(z / T): a tiny T makes every voxel confident, a huge one none
         step = _step(trainer)
         trainer.temperature = 1e-4
@@ -245,3 +245,34 @@ def test_settings_from_the_environment_override_the_preset_and_must_match_at_res
         monkeypatch.setenv("nnUNet_ssl_settings", bad)
         with pytest.raises(SSLInputError, match=message):
             make_trainer(nnUNetTrainerFixMatchMetaSSL, copy_planned["root"], copy_planned["dataset"], monkeypatch)
+
+
+def test_two_networks_calibrate_each_network_and_read_it_where_it_is_the_reference(copy_planned, monkeypatch):
+    budget_split(copy_planned)
+    trainer = make_trainer(nnUNetTrainerCPSMetaSSL, copy_planned["root"], copy_planned["dataset"], monkeypatch)
+    trainer.on_train_start()
+    try:
+        assert trainer.calibrate_reference and trainer.temperatures == [1.0, 1.0]
+        trainer.on_train_epoch_start()
+        trainer.on_train_epoch_end([trainer.train_step(next(trainer.dataloader_train))])
+        trainer.on_validation_epoch_start()
+        trainer.on_validation_epoch_end([trainer.validation_step(next(trainer.dataloader_val))])
+        log = trainer.logger.local_logger.my_fantastic_logging
+        assert log["ssl_temperature"] == [trainer.temperatures[0]] and log["ssl_temperature_2"] == [
+            trainer.temperatures[1]]
+        assert trainer.temperatures[0] != trainer.temperatures[1]  # two networks, two fits
+        seen = []
+
+        def record(student_logits, reference_logits, step, voxel_weights=None):
+            seen.append(reference_logits)
+            return reference_logits.new_zeros(()), {}
+
+        monkeypatch.setattr(trainer, "unsupervised_loss", record)
+        monkeypatch.setattr(trainer, "labeled_loss", lambda s, r, t, step: (r.new_zeros(()), {}))
+        trainer.temperatures = [2.0, 4.0]
+        u1, u2 = torch.randn(2, 3, 4, 4, 4), torch.randn(2, 3, 4, 4, 4)
+        trainer.mutual_loss([u1, u2], [u1, u2], _step(trainer))
+        assert torch.allclose(seen[0], u2 / 4.0) and torch.allclose(seen[1], u1 / 2.0)
+        assert nnUNetTrainerSSL.ssl_state_dict(trainer)["temperatures"] == [2.0, 4.0]
+    finally:
+        trainer.on_train_end()

@@ -42,6 +42,8 @@ class TwoNetworks(nnUNetTrainerSSL):
 
     view_intensity = (True,)
     loss_directions = 2
+    #: with ``calibrate_reference`` (MetaSSL) each network gets its own temperature, used where it is the reference
+    calibrated_count = 2
     reference_name = "network 2"
     student_name = "network 1"
     #: "same" or "other_unet"
@@ -70,6 +72,9 @@ class TwoNetworks(nnUNetTrainerSSL):
     def reference_network(self) -> nn.Module | None:
         return getattr(self, "network2", None)
 
+    def calibration_networks(self) -> list[nn.Module]:
+        return [self.network, self.network2]
+
     @classmethod
     def compute_units(cls, labeled_batch: int, unlabeled_batch: int) -> float:
         """Both networks forward + backward on labeled + unlabeled, ``2 * 3 (B + U)``; the pseudo-labels reuse these
@@ -97,8 +102,10 @@ class TwoNetworks(nnUNetTrainerSSL):
             labeled = [full_resolution(lab1).float(), full_resolution(lab2).float()]
             unsup_loss, stats = self.mutual_loss(unlabeled, labeled, step)
             # each network's pseudo-labels come from the other one
-            confidence = mean_stats([confidence_stats(unlabeled[1], self.confidence_threshold),
-                                     confidence_stats(unlabeled[0], self.confidence_threshold)])
+            confidence = mean_stats([confidence_stats(self.calibrated(unlabeled[1].detach(), 1),
+                                                      self.confidence_threshold),
+                                     confidence_stats(self.calibrated(unlabeled[0].detach(), 0),
+                                                      self.confidence_threshold)])
         return sup_loss, unsup_loss, {**confidence, **stats}
 
     def mutual_loss(self, unlabeled: list[torch.Tensor], labeled: list[torch.Tensor],
@@ -106,18 +113,19 @@ class TwoNetworks(nnUNetTrainerSSL):
         """The unsupervised loss (before lambda) from both networks' full-resolution float32 logits on the
         unlabeled and labeled images, plus statistics to log."""
         u1, u2 = unlabeled
+        # each network is the other's reference, read through its own temperature
         step.direction = 0
-        loss12, stats12 = self.unsupervised_loss(u1, u2.detach(), step)
+        loss12, stats12 = self.unsupervised_loss(u1, self.calibrated(u2.detach(), 1), step)
         step.direction = 1
-        loss21, stats21 = self.unsupervised_loss(u2, u1.detach(), step)
+        loss21, stats21 = self.unsupervised_loss(u2, self.calibrated(u1.detach(), 0), step)
         loss = loss12 + loss21
         stats = mean_stats([stats12, stats21])
         if self.uses_labeled_reference:
             (l1, l2), target = labeled, full_resolution(step.target)
             step.direction = 0
-            a, stats_a = self.labeled_loss(l1, l2.detach(), target, step)
+            a, stats_a = self.labeled_loss(l1, self.calibrated(l2.detach(), 1), target, step)
             step.direction = 1
-            b, stats_b = self.labeled_loss(l2, l1.detach(), target, step)
+            b, stats_b = self.labeled_loss(l2, self.calibrated(l1.detach(), 0), target, step)
             loss = loss + a + b
             stats.update(mean_stats([stats_a, stats_b]), labeled_branch_loss=(a + b).detach())
         step.direction = 0

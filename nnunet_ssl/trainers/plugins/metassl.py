@@ -35,8 +35,8 @@ class MetaSSL:
       bracket averages 0.2 (L_sup + n)); thresholds without the 0.9 cap (``metassl_cap = None``), so that they
       follow the class-mean confidence of nnU-Net's over-confident softmax instead of sitting at the cap from the
       first epochs (logged: they did on Hippocampus), and "confident" keeps meaning "above this class's average";
-      the reference's confidence is read after temperature scaling on the fold's validation cases (hosts with one
-      reference: Mean Teacher, FixMatch; :class:`~nnunet_ssl.trainers.calibration.ReferenceCalibration`).
+      the reference's confidence is read after temperature scaling on the fold's validation cases (CPS: each network
+      through its own temperature; :class:`~nnunet_ssl.trainers.calibration.ReferenceCalibration`).
     - ``"paper"``: the official 3D code: unnormalised weights (the bracket is 60-260 on Hippocampus, 7-25 times
       ``|L_sup|`` at lambda 0.1, which nnU-Net's gradient clipping then rescales), cap 0.9, lambda 0.1 over 20 %.
     """
