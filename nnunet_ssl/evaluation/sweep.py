@@ -66,7 +66,9 @@ def _split_top_level(text: str) -> list[str]:
 
 
 def point_tag(point: dict[str, str]) -> str:
-    """A folder name for one grid point, e.g. ``unsupervised_share=0.5__rampup_fraction=0.3``."""
+    """A folder name for one grid point, e.g. ``unsupervised_share=0.5__rampup_fraction=0.3``; the default preset is
+    implied (``preset=default`` alone is ``defaults``, as is the empty point)."""
+    point = {k: v for k, v in point.items() if (k, v) != ("preset", "default")}
     if not point:
         return "defaults"
     safe = {k: "".join(c if c.isalnum() or c in ".-" else "_" for c in v) for k, v in point.items()}

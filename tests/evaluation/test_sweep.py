@@ -23,7 +23,8 @@ def test_grid_is_the_cartesian_product_and_keeps_bracketed_values_whole():
         {"unsupervised_share": "0.5", "view_intensity": "(False, 'strong')"},
         {"unsupervised_share": "0.5", "view_intensity": "(False, True)"}]
     assert sweep.parse_grid([]) == [{}]
-    assert sweep.point_tag({}) == "defaults"
+    assert sweep.point_tag({}) == sweep.point_tag({"preset": "default"}) == "defaults"
+    assert sweep.point_tag({"preset": "paper", "unsupervised_share": "0.5"}) == "preset=paper__unsupervised_share=0.5"
     assert sweep.point_tag(points[0]) == "unsupervised_share=0.1__view_intensity=_False___strong__"
     with pytest.raises(SSLInputError, match="not name=value1,value2"):
         sweep.parse_grid(["unsupervised_share"])
