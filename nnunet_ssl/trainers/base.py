@@ -1,9 +1,9 @@
 """The SSL trainer: hooks, the training step, and the SSL state in nnU-Net's checkpoints.
 
 ``nnUNetTrainerSSL`` adds to ``nnUNetTrainer`` the loss ``L = L_sup + lambda(t) * L_unsup`` with nnU-Net's
-deep-supervised DC+CE as ``L_sup`` and a sigmoid ramp-up of ``lambda``, which in the default preset also follows
-the ratio of the two losses' sizes (:mod:`nnunet_ssl.parts.balance`); ``preset = "paper"`` gives each method's
-published configuration. Hosts (``trainers/hosts/``) override the hooks
+deep-supervised DC+CE as ``L_sup`` and a sigmoid ramp-up of ``lambda`` over 20 % of training for every trainer
+(optionally following the ratio of the two losses' sizes, :mod:`nnunet_ssl.parts.balance`); ``preset = "paper"``
+gives each method's published configuration. Hosts (``trainers/hosts/``) override the hooks
 that say where the reference prediction comes from; plug-ins (``trainers/plugins/``) override how each voxel of the
 two predictions is used. Every hook of one step receives the same :class:`~nnunet_ssl.trainers.step.SSLStep`.
 The unlabeled data comes from :class:`~nnunet_ssl.trainers.unlabeled.UnlabeledData`, the logs and plots from
@@ -116,10 +116,11 @@ class nnUNetTrainerSSL(UnlabeledData, ReferenceCalibration, SSLLogs, AtomicCheck
     paper_settings: ClassVar[dict[str, object]] = {"unsupervised_share": None, "calibrate_reference": False}
     #: global unlabeled batch per step, split over DDP ranks like nnU-Net's batch; None = the labeled batch size
     unlabeled_batch_size: int | None = None
-    #: rho: after the ramp, lambda L_unsup averages rho (L_sup + n) (:mod:`nnunet_ssl.parts.balance`); None = the
-    #: fixed ``unsupervised_weight``. Our default for every host (the one ramp convention: shape, length, share)
-    unsupervised_share: float | None = 0.2
-    #: with a share: the weight of the first steps, before the loss sizes are known; without: lambda_max
+    #: rho: after the ramp, lambda L_unsup averages rho (L_sup + n) (:mod:`nnunet_ssl.parts.balance`); None (default)
+    #: = the fixed ``unsupervised_weight``. Off by default: measured on Hippocampus, rho = 0.2 drove lambda to
+    #: 280-990 as the unsupervised loss shrank, and the posterior class was not learned by 45 % of training
+    unsupervised_share: float | None = None
+    #: lambda_max after the common ramp; with a share, the weight of the first steps before the loss sizes are known
     unsupervised_weight: float = 0.1
     #: with a share: the largest lambda (bounds the weight while the unsupervised loss is nearly zero)
     max_unsupervised_weight: float = 1000.0

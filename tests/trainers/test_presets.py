@@ -40,13 +40,13 @@ def test_paper_settings_merge_along_the_mro_plugin_over_host():
 def test_paper_preset_is_one_setting_away(cls, copy_planned, monkeypatch):
     budget_split(copy_planned)
     default = make_trainer(cls, copy_planned["root"], copy_planned["dataset"], monkeypatch)
-    assert default.preset == "default" and default.unsupervised_share == 0.2
+    assert default.preset == "default" and default.unsupervised_share is None
     monkeypatch.setenv("nnUNet_ssl_preset", "paper")
     paper = make_trainer(cls, copy_planned["root"], copy_planned["dataset"], monkeypatch)
     assert paper.preset == "paper" and paper.unsupervised_share is None
     for name, value in paper_settings_of(cls).items():
         assert getattr(paper, name) == value, name
-    assert cls.unsupervised_share == 0.2  # the class is untouched, only the instance
+    assert cls.rampup_fraction == 0.2  # the class is untouched, only the instance
     # the paper's lambda is its fixed weight times the ramp, whatever the balance has seen
     paper.ssl_step = 7
     paper.loss_balance.load_state_dict({"sup": 1.0, "unsup": 1e-3, "steps": 100})
@@ -59,6 +59,7 @@ def test_paper_preset_is_one_setting_away(cls, copy_planned, monkeypatch):
 
 def test_balanced_lambda_is_the_share_of_the_loss_sizes_and_resumes(copy_planned, monkeypatch):
     budget_split(copy_planned)
+    monkeypatch.setenv("nnUNet_ssl_settings", "unsupervised_share=0.2")
     trainer = make_trainer(nnUNetTrainerMeanTeacher, copy_planned["root"], copy_planned["dataset"], monkeypatch,
                            epochs=10, iterations=10)
     # Mean Teacher's logged sizes: L_sup about -0.87 (so L_sup + 1 = 0.13) and an MSE of 0.003

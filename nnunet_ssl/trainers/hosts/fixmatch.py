@@ -31,12 +31,12 @@ class FixMatch(nnUNetTrainerSSL):
     - ``"default"``: the strong view always differs from the weak one
       (:class:`~nnunet_ssl.data.unlabeled_loader.StrongIntensity`: each of nnU-Net's intensity transforms at
       probability >= 0.5, UniMatch-strength brightness/contrast jitter, and at least one transform that changes
-      the image); CutMix on every sample (``cutmix_probability = 1``); lambda after the common 20 % ramp such that
-      ``lambda L_unsup`` averages 0.2 (L_sup + 1) (``unsupervised_share``). With nnU-Net's own intensity
-      augmentation about a third of strong views were bit-identical to the weak view, and with CutMix at 0.5
-      about 16 % of unlabeled samples trained on exactly the weak image, which only teaches the network to repeat
-      itself. The gate reads the weak view's softmax after temperature scaling fitted on the fold's validation
-      cases (:class:`~nnunet_ssl.trainers.calibration.ReferenceCalibration`), so 0.95 means 95 % on held-out data.
+      the image); CutMix on every sample (``cutmix_probability = 1``); ``lambda = 1`` after the common 20 % ramp.
+      With nnU-Net's own intensity augmentation about a third of strong views were bit-identical to the weak view,
+      and with CutMix at 0.5 about 16 % of unlabeled samples trained on exactly the weak image, which only teaches
+      the network to repeat itself. The gate reads the weak view's softmax after temperature scaling fitted on the
+      fold's validation cases (:class:`~nnunet_ssl.trainers.calibration.ReferenceCalibration`), so 0.95 means
+      95 % on held-out data.
     - ``"paper"``: nnU-Net's intensity augmentation at its own probabilities as the strong view, CutMix with
       probability 0.5 per sample, ``lambda = 1`` without a ramp, the raw softmax in the gate (UniMatch).
 

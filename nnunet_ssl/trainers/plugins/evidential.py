@@ -40,12 +40,10 @@ class MutualEvidential:
                         default (a mechanism must act)                paper (Eq. 9 as published)
         m_v             1[R_v >= t_c(v)], q = 0.2                      R_v
         w_u(t)          r(t) = exp(-5 (1 - t / (0.2 T))^2)             1
-        lambda_GWU(t)   r(t) min(rho S_sup / S_unsup, 1000), rho=0.2   0.1 exp(-5 (1 - t / T)^2)
+        lambda_GWU(t)   0.1 r(t)                                       0.1 exp(-5 (1 - t / T)^2)
 
     with ``t_c`` the ``(floor(q n_c) + 1)``-th smallest ``R`` among the batch's ``n_c`` voxels whose pseudo-label is
-    ``c`` (:func:`~nnunet_ssl.losses.evidential.reliability_mask`) and ``S_sup``, ``S_unsup`` the EMAs of
-    ``L_sup + 2`` and ``L^I_u`` (:mod:`nnunet_ssl.parts.balance`), so that after the ramp ``lambda L^I_u`` averages
-    ``0.2 (L_sup + 2)``. ``L_wl`` has weight 1 in both presets.
+    ``c`` (:func:`~nnunet_ssl.losses.evidential.reliability_mask`). ``L_wl`` has weight 1 in both presets.
 
     Host: :class:`~nnunet_ssl.trainers.hosts.two_networks.TwoNetworks` with ``second_network = "other_unet"``.
     Network 1 is built from the plans (``self.network``, saved as ``network_weights``, predicted by default and by
@@ -74,9 +72,8 @@ class MutualEvidential:
       targets are the ground truth, ``omega`` only re-weights voxels within [0.24, 1.76], and it trains the
       evidence scale on labeled data, which the uncertainties that drive ``omega`` and ``R`` need early.
     - ``lambda_GWU`` follows the common convention: the ramp over 20 % of training instead of 100 % (over the whole
-      run the Fisher term stays below ``exp(-1.25)`` = 29 % of its final weight for the first half) and the balanced
-      share ``rho`` instead of the fixed ``w_max = 0.1`` (the size of ``L^I_u`` depends on the evidence scale and on
-      the FIE regulariser, so a fixed weight says nothing about its share of the loss).
+      run the Fisher term stays below ``exp(-1.25)`` = 29 % of its final weight for the first half), to the same
+      ``w_max = 0.1``.
 
     Choices where the paper is silent (both presets; all class attributes):
 

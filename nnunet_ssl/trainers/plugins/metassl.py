@@ -31,8 +31,8 @@ class MetaSSL:
     Presets (``preset``, or ``nnUNet_ssl_preset``):
 
     - ``"default"``: region weights normalised to mean 1 (``metassl_normalise``), so both branches are on a CE's
-      scale, and lambda follows the common balance (``unsupervised_share``: after the 20 % ramp, lambda times the
-      bracket averages 0.2 (L_sup + n)); thresholds without the 0.9 cap (``metassl_cap = None``), so that they
+      scale (about 1-2 on Hippocampus, so ``lambda = 0.1`` makes them a substantial share of ``L_sup + n`` rather
+      than 7-25 times it); thresholds without the 0.9 cap (``metassl_cap = None``), so that they
       follow the class-mean confidence of nnU-Net's over-confident softmax instead of sitting at the cap from the
       first epochs (logged: they did on Hippocampus), and "confident" keeps meaning "above this class's average";
       the reference's confidence is read after temperature scaling on the fold's validation cases (CPS: each network

@@ -67,7 +67,7 @@ def test_medl_default_preset_acts_and_paper_preset_restores_the_published_config
     default = _bare_medl(monkeypatch)
     assert default.preset == "default"
     # lambda_GWU follows the common convention of the base class; L_u is masked by R and warmed up
-    assert default.unsupervised_share == nnUNetTrainerSSL.unsupervised_share == 0.2
+    assert default.unsupervised_share is None and nnUNetTrainerSSL.unsupervised_share is None
     assert default.rampup_fraction == nnUNetTrainerSSL.rampup_fraction == 0.2
     assert default.medl_reliability_quantile == 0.2 and default.medl_pseudo_label_warmup
     assert default.medl_loss.reliability_quantile == 0.2
@@ -83,7 +83,7 @@ def test_medl_default_preset_acts_and_paper_preset_restores_the_published_config
         assert others == {k: v for k, v in _medl_attributes(default).items() if k not in PAPER}
         assert others["medl_pseudo_label_weight"] == others["medl_weighted_labeled_weight"] == 1.0
         assert others["medl_fisher_coefficient"] == 0.05 and others["medl_curriculum_direction"] == "easy_to_hard"
-    assert nnUNetTrainerMEDL.medl_reliability_quantile == 0.2 and nnUNetTrainerMEDL.unsupervised_share == 0.2
+    assert nnUNetTrainerMEDL.medl_reliability_quantile == 0.2 and nnUNetTrainerMEDL.unsupervised_share is None
 
 
 def _logits(seed: int):
@@ -98,7 +98,7 @@ def test_medl_step_weights_lambda_only_the_fisher_term_and_warms_up_the_pseudo_l
     monkeypatch.setenv(ENV_PRESET, preset)
     trainer = _bare_medl(monkeypatch, step=10)  # iteration 10 of 100
     unlabeled, labeled, labels = _logits(0)
-    if preset == "default":  # the common ramp over 20 iterations, lambda = ramp * the balance's first weight
+    if preset == "default":  # the common ramp over 20 iterations, lambda = 0.1 ramp
         ramp = math.exp(-5 * (1 - 10 / 20) ** 2)
         w_u, lam = ramp, 0.1 * ramp
     else:  # L_u at weight 1, lambda_GWU = 0.1 exp(-5 (1 - t / T)^2) over all 100 iterations

@@ -153,7 +153,7 @@ def test_paper_preset_restores_the_official_configuration(copy_planned, monkeypa
                 "qw_rampup_fraction": 0.15, "qw_threshold": 0.5, "qw_adaptive_threshold": False,
                 "qw_temperature": 2.0, "qw_per": "sample", "unsupervised_share": None}
     ours = {**official, "qar_share": 0.05, "max_qar_weight": 1.0, "qar_official_ramp": False,
-            "qw_official_lambda": False, "qw_adaptive_threshold": True, "unsupervised_share": 0.2}
+            "qw_official_lambda": False, "qw_adaptive_threshold": True, "unsupervised_share": None}
     settings = {"qar_share": None, "qar_official_ramp": True, "qw_official_lambda": True,
                 "qw_adaptive_threshold": False}
     assert QualityGuidance.paper_settings == settings
@@ -212,15 +212,17 @@ def test_paper_schedules_of_each_trainer(copy_planned, monkeypatch):
 def test_default_schedules_follow_the_common_ramp_and_the_loss_sizes(copy_planned, monkeypatch):
     budget_split(copy_planned)
     roots = (copy_planned["root"], copy_planned["dataset"])
+    # the host's balanced lambda (a setting, off by default), so that PL-QW's following it is visible
+    monkeypatch.setenv("nnUNet_ssl_settings", "unsupervised_share=0.2")
     qar = make_trainer(nnUNetTrainerMeanTeacherQAR, *roots, monkeypatch, epochs=10, iterations=10)
     qw = make_trainer(nnUNetTrainerMeanTeacherQW, *roots, monkeypatch, epochs=10, iterations=10)
     meta = make_trainer(nnUNetTrainerMeanTeacherQualityGuidedMetaSSL, *roots, monkeypatch, epochs=10, iterations=10)
     plain_meta = make_trainer(nnUNetTrainerMeanTeacherMetaSSL, *roots, monkeypatch, epochs=10, iterations=10)
-    # before 10 observed steps: lambda_QAR = qar_weight (0.01), the host's lambda its initial weight (0.1)
+    # before 10 observed steps: lambda_QAR = qar_weight (0.01), the host's lambda its initial weight (Mean Teacher: 1)
     for step in (0, 10, 40):
         qar.ssl_step = qw.ssl_step = step
         assert qar.current_qar_weight() == pytest.approx(0.01 * sigmoid_rampup(step, 20))
-        assert qw.current_lambda() == pytest.approx(0.1 * sigmoid_rampup(step, 20))
+        assert qw.current_lambda() == pytest.approx(1.0 * sigmoid_rampup(step, 20))
     # L_sup = -0.2 with one network: L_sup + n = 0.8; L_QAR = 0.4, L_unsup = 0.3
     for t in (qar, qw, meta, plain_meta):
         _feed(t, -0.2, 0.3, 0.4)
