@@ -12,6 +12,12 @@ both EMAs over the previous steps (momentum 0.99, bias-corrected), so ``lambda``
 batch and, at the end of the ramp, ``lambda L_unsup`` averages ``rho (L_sup + n)``. The cap bounds ``lambda`` while
 the unsupervised loss is (nearly) zero, e.g. before any pseudo-label passes a confidence gate. The weight is a
 constant of the step (no gradient flows through it), so the direction of each term's gradient is the method's own.
+
+Why it is off by default (``unsupervised_share = None``): holding a loss *value* at a share of the supervised
+loss makes its *gradient* grow as the loss shrinks. For a residual ``r`` with ``L_unsup ~ r^2``, ``lambda ~ 1/r^2``
+and ``lambda grad L_unsup ~ 1/r``: the better student and reference agree, the harder they are pulled together.
+On Hippocampus (3 labels, rho = 0.2) lambda rose to 280 (FixMatch) and 990 (Mean Teacher, near the cap) and the
+posterior class was not learned by 45 % of training, where the supervised baseline had it at 35 %.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from helpers import case_ids, write_budget_splits
 
 TRAINERS = REPO / "trainers"
 EXAMPLE = "nnUNetTrainerMeanTeacherStrong"
-CHANGED = {"unsupervised_weight": 1.0, "rampup_fraction": 0.4, "unlabeled_batch_size": 4, "ema_max_decay": 0.999}
+CHANGED = {"unsupervised_weight": 3.0, "rampup_fraction": 0.4, "unlabeled_batch_size": 4, "ema_max_decay": 0.999}
 # nnUNetv2_train with a forced start method; ``python -c`` has no main file for spawned children to re-run
 FORCED_START = ("import multiprocessing, sys; multiprocessing.set_start_method(sys.argv.pop(1)); "
                 "from nnunetv2.run.run_training import run_training_entry; run_training_entry()")

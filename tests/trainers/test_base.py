@@ -38,7 +38,7 @@ def test_mean_teacher_ema_lambda_and_checkpoint_roundtrip(copy_planned, monkeypa
             assert torch.allclose(p, 0.5 * before[name] + 0.5 * after_student[name], atol=1e-6), name
         assert trainer.ssl_step == 2
         total = 3 * 4
-        assert trainer.current_lambda() == pytest.approx(0.1 * sigmoid_rampup(2, 0.2 * total))
+        assert trainer.current_lambda() == pytest.approx(1.0 * sigmoid_rampup(2, 0.2 * total))  # lambda_max 1
         assert trainer.unlabeled_batch_size_per_rank == trainer.batch_size
 
         ckpt = tmp_path / "ckpt.pth"
