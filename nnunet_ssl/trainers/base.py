@@ -279,14 +279,21 @@ class nnUNetTrainerSSL(UnlabeledData, ReferenceCalibration, SSLLogs, AtomicCheck
             return self.unsupervised_weight * self.ramp()
         return self.ramp() * self.loss_balance.weight(self.unsupervised_share, self.max_unsupervised_weight)
 
+    def mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` averaged over the DDP ranks (in float64; unchanged without DDP), so that every rank derives
+        the same weights and thresholds from them."""
+        if not self.is_ddp:
+            return values
+        values = values.to(torch.float64)
+        dist.all_reduce(values)
+        return values / dist.get_world_size()
+
     def observe_losses(self, step: SSLStep, sup_loss: torch.Tensor, unsup_loss: torch.Tensor) -> float:
         """Feeds this step's loss sizes to the balance (averaged over DDP ranks, so every rank keeps the same
         lambda); returns ``L_sup + n`` (n networks), the supervised size the logged shares divide by."""
         values = torch.stack([sup_loss.detach().float() + len(self.trainable()), unsup_loss.detach().float()])
-        if self.unsupervised_share is not None and self.is_ddp:
-            values = values.to(torch.float64)
-            dist.all_reduce(values)
-            values = values / dist.get_world_size()
+        if self.unsupervised_share is not None:
+            values = self.mean_over_ranks(values)
         sup, unsup = values.tolist()
         self.loss_balance.update(sup, unsup)
         return sup

@@ -9,7 +9,6 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import distributed as dist
 
 from nnunet_ssl.errors import SSLInputError
 from nnunet_ssl.losses import quality as qg
@@ -256,11 +255,7 @@ class QualityGuidance:
         if self.quality_qar and self.qar_share is not None and qar_losses:
             values = torch.stack([sup_loss.detach().float() + len(self.trainable()),
                                   torch.stack(qar_losses).float().mean()])
-            if self.is_ddp:
-                values = values.to(torch.float64)
-                dist.all_reduce(values)
-                values = values / dist.get_world_size()
-            self.qar_balance.update(*values.tolist())
+            self.qar_balance.update(*self.mean_over_ranks(values).tolist())
         return sup_size
 
     def current_qw_threshold(self) -> float:
@@ -271,10 +266,7 @@ class QualityGuidance:
         """Feeds this batch's mean predicted Dice (averaged over DDP ranks) to ``m_t``."""
         if not (self.quality_qw and self.qw_adaptive_threshold):
             return
-        value = q_reference.detach().to(torch.float64).mean().reshape(1)
-        if self.is_ddp:
-            dist.all_reduce(value)
-            value = value / dist.get_world_size()
+        value = self.mean_over_ranks(q_reference.detach().to(torch.float64).mean().reshape(1))
         self.quality_threshold.update(float(value))
 
     # ------------------------------------------------------------------ losses
