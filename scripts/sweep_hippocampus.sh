@@ -3,7 +3,8 @@
 # default preset against its paper preset (and the settings named below), scored by nnU-Net's final validation Dice
 # of the fold's 42 validation cases. The test cases are never predicted. Resumable: rerun to continue.
 #   bash scripts/sweep_hippocampus.sh [TRAINER ...]      (default: every trainer below, one after the other)
-# Needs the benchmark's baseline at 3 labels, seed 0 (scripts/benchmark_hippocampus.sh, work folder $BENCH_DIR/hippo).
+# Needs the benchmark's baseline at 3 labels, seed 0 (scripts/benchmark_hippocampus.sh, work folder $BENCH_DIR/hippo;
+# SWEEP_BENCHMARK names another benchmark folder, e.g. one run for seed 0 alone).
 # Records (sweep.json, sweep.md, per-run training logs) are copied to docs/results/hippocampus_sweep/<trainer>/.
 set -uo pipefail
 # shellcheck source=scripts/setup_env.sh
@@ -24,7 +25,7 @@ declare -A GRID=(
     nnUNetTrainerCPS nnUNetTrainerMEDL nnUNetTrainerMeanTeacherMetaSSL
 for tr in "$@"; do
     # shellcheck disable=SC2086
-    nnUNetv2_ssl_sweep -b "$BENCH/hippo" --budget 3 --seed 0 -tr "$tr" --grid ${GRID[$tr]:-} \
+    nnUNetv2_ssl_sweep -b "${SWEEP_BENCHMARK:-$BENCH/hippo}" --budget 3 --seed 0 -tr "$tr" --grid ${GRID[$tr]:-} \
         -o "$BENCH/sweep/$tr" -device cpu || exit 1
     mkdir -p "$RECORDS/$tr"
     cp "$BENCH/sweep/$tr/sweep.json" "$BENCH/sweep/$tr/sweep.md" "$RECORDS/$tr/"

@@ -88,9 +88,12 @@ def train_resume_predict(root: Path, dataset_id: int, dataset: str, trainer: str
 # one trainer per host for the pipeline runs (train, --c, predict with every checkpoint), about 1-2 min each on 2
 # cores; a loss variant takes its host's command-line path, and test_hosts.py plugs each loss into every host and
 # resumes it in-process
-HOST_TRAINERS = ["nnUNetTrainerMeanTeacher", "nnUNetTrainerFixMatch", "nnUNetTrainerCPS", "nnUNetTrainerMEDL"]
+HOST_TRAINERS = ["nnUNetTrainerMeanTeacher", "nnUNetTrainerFixMatch", "nnUNetTrainerCPS", "nnUNetTrainerMEDL",
+                 "nnUNetTrainerUAMT", "nnUNetTrainerADMT", "nnUNetTrainerBCP"]
 EXTRA_CHECKPOINTS = {"MeanTeacher": ["checkpoint_final_teacher.pth"], "CPS": ["checkpoint_final_net2.pth"],
-                     "FixMatch": [], "MEDL": ["checkpoint_final_net2.pth"]}
+                     "FixMatch": [], "MEDL": ["checkpoint_final_net2.pth"], "UAMT": ["checkpoint_final_teacher.pth"],
+                     "ADMT": ["checkpoint_final_teacher.pth", "checkpoint_final_teacher2.pth"],
+                     "BCP": ["checkpoint_final_teacher.pth"]}
 
 
 def assert_trained_resumed_predicted(result: dict, images: Path, trainer: str, file_ending: str = ".nii.gz") -> None:

@@ -43,7 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep = run_sweep(spec)
         best = chosen(sweep).get(a.tr)
         if best is not None:
-            print(f"chosen on validation: {a.tr} {best['tag']} (Dice {best['validation']['mean']:.4f}, "
+            verdict = "chosen on validation" if best["delta"] > 0 else \
+                "no point beats the baseline on validation; the best"
+            print(f"{verdict}: {a.tr} {best['tag']} (Dice {best['validation']['mean']:.4f}, "
                   f"{best['delta']:+.4f} vs the baseline); report: {spec.out / 'sweep.md'}")
 
     return exit_code_of(command)

@@ -215,7 +215,10 @@ def sweep_report(sweep: dict) -> str:
     order = sorted(sweep["rows"], key=lambda r: (r["trainer"], -(r["validation"] or {"mean": -math.inf})["mean"]))
     for r in order:
         text = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "defaults"
-        mark = " **(chosen)**" if best.get(r["trainer"]) is r else ""
+        mark = ""
+        if best.get(r["trainer"]) is r:
+            # the best point is chosen only if it beats the baseline; otherwise the sweep says so
+            mark = " **(chosen)**" if r["delta"] > 0 else " **(best, not above the baseline)**"
         if r["validation"] is None:
             lines.append(f"| {r['trainer']} | {text} | not finished | | " + " | " * len(classes))
             continue

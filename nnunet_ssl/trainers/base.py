@@ -137,6 +137,9 @@ class nnUNetTrainerSSL(UnlabeledData, ReferenceCalibration, SSLLogs, AtomicCheck
     uses_labeled_reference: bool = False
     #: the reference on labeled images is the student itself (FixMatch): its detached output is reused
     labeled_reference_is_student: bool = False
+    #: the host's ``reference_logits`` already divides by its temperatures (AD-MT fuses two teachers after scaling
+    #: each), so the step does not divide the fused reference again
+    reference_is_calibrated: bool = False
     #: how many (student, reference) pairs a step evaluates (``step.direction`` runs over them): 2 for two networks
     loss_directions: int = 1
     #: whether ``unsupervised_loss`` takes ``voxel_weights`` (a plug-in such as quality weights may pass them)
@@ -343,7 +346,9 @@ class nnUNetTrainerSSL(UnlabeledData, ReferenceCalibration, SSLLogs, AtomicCheck
             out_labeled, out_unlabeled = split_batch(output, n_labeled)
             sup_loss = self.loss(out_labeled, step.target)
             with torch.no_grad():
-                reference = self.calibrated(self.reference_logits(step))
+                reference = self.reference_logits(step)
+                if not self.reference_is_calibrated:
+                    reference = self.calibrated(reference)
                 reference_labeled = None
                 if self.uses_labeled_reference:
                     # the same network on the same images: its output is the reference, no third forward

@@ -8,10 +8,13 @@ that ``nnUNetv2_ssl_trainers`` prints, the method's paper, equations and deviati
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ssl.trainers.baselines import Reseeded, SupervisedBaseline
+from nnunet_ssl.trainers.hosts.ad_mt import AlternateDiverseTeachers as ADMT
+from nnunet_ssl.trainers.hosts.bcp import BidirectionalCopyPaste as BCP
 from nnunet_ssl.trainers.hosts.cps import CrossPseudoSupervision as CPS
 from nnunet_ssl.trainers.hosts.fixmatch import FixMatch
 from nnunet_ssl.trainers.hosts.mean_teacher import MeanTeacher
 from nnunet_ssl.trainers.hosts.two_networks import SecondNetworkForInference, TwoNetworks
+from nnunet_ssl.trainers.hosts.ua_mt import UncertaintyAwareMeanTeacher as UAMT
 from nnunet_ssl.trainers.plugins.evidential import MutualEvidential
 from nnunet_ssl.trainers.plugins.metassl import MetaSSL
 from nnunet_ssl.trainers.plugins.quality import QAR, QW, QualityGuided
@@ -25,11 +28,17 @@ class nnUNetTrainerSupervisedReseeded(Reseeded, nnUNetTrainerSupervised): """The
 class nnUNetTrainerMeanTeacher(MeanTeacher): """EMA teacher, softmax-MSE consistency on two aligned views."""
 class nnUNetTrainerFixMatch(FixMatch): """Confident weak-view pseudo-labels supervise a strong, CutMixed view."""
 class nnUNetTrainerCPS(CPS): """Cross Pseudo Supervision: two nnU-Nets learn from each other's argmax."""
+class nnUNetTrainerUAMT(UAMT): """Uncertainty-aware Mean Teacher: consistency only where the teacher is certain."""
+class nnUNetTrainerADMT(ADMT): """AD-MT: two EMA teachers, updated alternately, fused by their entropy."""
+class nnUNetTrainerBCP(BCP): """BCP: labeled and unlabeled patches copy-pasted both ways, EMA-teacher labels."""
 
 # MetaSSL's heterogeneous loss on each host
 class nnUNetTrainerMeanTeacherMetaSSL(MetaSSL, MeanTeacher): """MetaSSL's UC/US/DC/DS loss, EMA teacher."""
 class nnUNetTrainerFixMatchMetaSSL(MetaSSL, FixMatch): """MetaSSL's UC/US/DC/DS loss, weak/strong views."""
 class nnUNetTrainerCPSMetaSSL(MetaSSL, CPS): """MetaSSL's UC/US/DC/DS loss, both CPS directions."""
+class nnUNetTrainerUAMTMetaSSL(MetaSSL, UAMT): """MetaSSL's UC/US/DC/DS loss, uncertainty-aware teacher."""
+class nnUNetTrainerADMTMetaSSL(MetaSSL, ADMT): """MetaSSL's UC/US/DC/DS loss, AD-MT's fused teachers."""
+class nnUNetTrainerBCPMetaSSL(MetaSSL, BCP): """MetaSSL's UC/US/DC/DS loss on BCP's mixed images."""
 
 # QG-SSL's quality guidance (train the predictor first: nnUNetv2_ssl_train_quality)
 class nnUNetTrainerMeanTeacherQAR(QAR, MeanTeacher): """Mean Teacher plus QG-SSL's quality-aware regulariser."""

@@ -29,6 +29,12 @@ class SSLStep:
     mix: torch.Tensor | None = None
     #: the unlabeled images the reference predicted (set by hosts whose reference sees its own input)
     reference_image: torch.Tensor | None = None
+    #: per-voxel weights (U, *spatial) the host attaches to its reference (UA-MT's certainty mask): every
+    #: unsupervised loss, the host's or a plug-in's, weights its voxels by them (:meth:`voxel_weights`)
+    reference_weights: torch.Tensor | None = None
+    #: what a host's ``reference_logits`` leaves for its own ``unsupervised_loss`` and logs (AD-MT's student
+    #: prediction and teachers' conflict mask)
+    host_data: object | None = None
     #: which (student, reference) pair a loss call evaluates: 0 or 1 on two-network hosts, else 0
     direction: int = 0
     #: already weighted float32 terms with a constant weight, beside L_sup (MEDL's L_wl; its L_u in the paper preset)
@@ -41,6 +47,12 @@ class SSLStep:
 
     def observe(self, name: str, value: torch.Tensor) -> None:
         self.observed.setdefault(name, []).append(value.detach())
+
+    def voxel_weights(self, weights: torch.Tensor | None = None) -> torch.Tensor | None:
+        """A plug-in's own voxel weights times the host's ``reference_weights`` (either may be None)."""
+        if self.reference_weights is None:
+            return weights
+        return self.reference_weights if weights is None else weights * self.reference_weights
 
     def add_constant_loss(self, weighted: torch.Tensor) -> None:
         self.constant_losses.append(weighted)

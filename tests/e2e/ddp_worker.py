@@ -60,6 +60,10 @@ def run_rank(rank: int, world: int, root: str, dataset: str, port: int, out_dir:
             "loss_ddp": trainer.loss.loss.dc.ddp,  # the batch Dice gathers over ranks, as nnU-Net's DDP loss
             "unlabeled_batch_size": trainer.unlabeled_batch_size_per_rank,
             "reference": {k: v.cpu() for k, v in unwrap(trainer.reference_network()).state_dict().items()},
+            # AD-MT's second teacher and the alternation of the two, which each rank draws without communication
+            "reference2": {k: v.cpu() for k, v in trainer.teacher2.state_dict().items()}
+            if hasattr(trainer, "teacher2") else {},
+            "alternation": trainer.alternation.state_dict() if hasattr(trainer, "alternation") else None,
             "student": {k: v.cpu() for k, v in unwrap(trainer.network).state_dict().items()},
             "view_sums": recorders[-1].sums,
             "ssl_step": trainer.ssl_step,

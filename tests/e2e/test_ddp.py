@@ -19,7 +19,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("trainer", ["nnUNetTrainerMeanTeacher", "nnUNetTrainerCPSMetaSSL", "nnUNetTrainerMEDL",
-                                     "nnUNetTrainerMeanTeacherQualityGuided"])
+                                     "nnUNetTrainerMeanTeacherQualityGuided", "nnUNetTrainerADMT"])
 def test_ssl_trainer_under_ddp_with_two_gloo_ranks(trainer, copy_planned, tmp_path, monkeypatch):
     pp = copy_planned["root"] / "preprocessed" / copy_planned["dataset"]
     ids = case_ids(pp)
@@ -41,6 +41,11 @@ def test_ssl_trainer_under_ddp_with_two_gloo_ranks(trainer, copy_planned, tmp_pa
         assert torch.equal(r0["student"][k], r1["student"][k]), k
     for k in r0["reference"]:
         assert torch.equal(r0["reference"][k], r1["reference"][k]), k
+    for k in r0["reference2"]:
+        assert torch.equal(r0["reference2"][k], r1["reference2"][k]), k
+    assert r0["alternation"] == r1["alternation"]
+    if "ADMT" in trainer:  # both teachers were updated, in turns of one step (half of a 3-iteration epoch)
+        assert r0["reference2"] and r0["alternation"]["switches"] == 6
     # the quality predictor: frozen, never DDP-wrapped, unchanged on every rank; QAR was active by the last step
     for r in (r0, r1):
         assert not r["predictor_wrapped"] and r["predictor"].keys() == predictor.keys()
@@ -53,5 +58,5 @@ def test_ssl_trainer_under_ddp_with_two_gloo_ranks(trainer, copy_planned, tmp_pa
     assert r0["view_sums"] != r1["view_sums"]
     out = copy_planned["root"] / "results" / copy_planned["dataset"] / \
         f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
-    extra = "checkpoint_final_teacher.pth" if "MeanTeacher" in trainer else "checkpoint_final_net2.pth"
+    extra = "checkpoint_final_net2.pth" if "CPS" in trainer or "MEDL" in trainer else "checkpoint_final_teacher.pth"
     assert (out / "checkpoint_final.pth").is_file() and (out / extra).is_file()

@@ -35,8 +35,11 @@ def hippocampus(tmp_path_factory) -> dict:
 
 
 # MEDL is left out here: tests/trainers/plugins/test_evidential_plugin.py trains and resumes it on Hippocampus
-# training cases of its own and predicts with both of its networks
-@pytest.mark.parametrize("trainer", [t for t in HOST_TRAINERS if t != "nnUNetTrainerMEDL"])
+# training cases of its own and predicts with both of its networks. UA-MT and AD-MT run this pipeline on the
+# synthetic data only (test_cli_e2e.py), to keep CI under 45 minutes: their passes on these cases were run by hand
+# (2026-12-07, both passed); BCP stays, for its masks and connected components on real anatomy.
+@pytest.mark.parametrize("trainer", [t for t in HOST_TRAINERS
+                                     if t not in ("nnUNetTrainerMEDL", "nnUNetTrainerUAMT", "nnUNetTrainerADMT")])
 def test_trainer_pipeline_on_hippocampus(trainer, hippocampus):
     root, ds, raw = hippocampus["root"], hippocampus["dataset"], hippocampus["raw"]
     result = train_resume_predict(root, 4, ds, trainer, raw / "imagesUnlabeled")

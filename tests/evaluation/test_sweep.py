@@ -108,3 +108,19 @@ def test_sweep_refusals_name_the_fix(tmp_path, capsys):
     assert "is not a benchmark folder" in capsys.readouterr().err
     with pytest.raises(SSLInputError):
         sweep.check_points("nnUNetTrainerFixMatch", [{"cutmix_probability": "half"}])
+
+
+def test_a_best_point_below_the_baseline_is_not_called_chosen():
+    def row(share: str, mean: float) -> dict:
+        return {"trainer": "nnUNetTrainerMeanTeacher", "settings": {"unsupervised_share": share},
+                "tag": f"unsupervised_share={share}", "validation": {"mean": mean, "per_class": {"1": mean}},
+                "delta": mean - 0.83}
+
+    result = {"dataset": DATASET, "fold": 0, "budget": 3, "seed": 0, "selection": "validation Dice", "epochs": 2,
+              "iterations_per_epoch": 2, "benchmark": "b", "rows": [row("0.2", 0.24), row("0.1", 0.80)],
+              "baseline": {"trainer": BASELINE, "validation": {"mean": 0.83, "per_class": {"1": 0.83}}}}
+    report = sweep.sweep_report(result)
+    assert "unsupervised_share=0.1 **(best, not above the baseline)** | 0.8000 | -0.0300" in report
+    assert "(chosen)" not in report
+    result["rows"].append(row("0.05", 0.85))
+    assert "unsupervised_share=0.05 **(chosen)** | 0.8500 | +0.0200" in sweep.sweep_report(result)

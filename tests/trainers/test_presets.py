@@ -18,6 +18,7 @@ from nnunet_ssl.trainers import (
     nnUNetTrainerMeanTeacher,
     nnUNetTrainerMeanTeacherMetaSSL,
     nnUNetTrainerMEDL,
+    nnUNetTrainerUAMT,
 )
 from nnunet_ssl.trainers.base import full_resolution, nnUNetTrainerSSL, paper_settings_of
 from nnunet_ssl.trainers.step import SSLStep
@@ -36,7 +37,7 @@ def test_paper_settings_merge_along_the_mro_plugin_over_host():
 
 
 @pytest.mark.parametrize("cls", [nnUNetTrainerMeanTeacher, nnUNetTrainerFixMatch, nnUNetTrainerCPS,
-                                 nnUNetTrainerFixMatchMetaSSL, nnUNetTrainerMEDL])
+                                 nnUNetTrainerFixMatchMetaSSL, nnUNetTrainerMEDL, nnUNetTrainerUAMT])
 def test_paper_preset_is_one_setting_away(cls, copy_planned, monkeypatch):
     budget_split(copy_planned)
     default = make_trainer(cls, copy_planned["root"], copy_planned["dataset"], monkeypatch)

@@ -91,13 +91,20 @@ class FixMatch(nnUNetTrainerSSL):
 
     def unsupervised_loss(self, student_logits, reference_logits, step):
         labels, confidence = hard_pseudo_labels(reference_logits)
-        mask = confidence >= self.confidence_threshold
+        return self.gated_loss(student_logits, labels, confidence >= self.confidence_threshold), {}
+
+    def gated_loss(self, student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``unsupervised_loss_type``'s masked CE and/or soft Dice of the student against hard pseudo-labels."""
         loss = student_logits.new_zeros(())
         if "ce" in self.unsupervised_loss_type:
-            loss = loss + masked_cross_entropy(student_logits, labels, mask)
+            loss = loss + self.masked_ce(student_logits, labels, mask)
         if "dice" in self.unsupervised_loss_type:
             loss = loss + masked_soft_dice(student_logits, labels, mask)
-        return loss, {}
+        return loss
+
+    def masked_ce(self, student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """CE over the gated voxels, divided by all voxels (UniMatch)."""
+        return masked_cross_entropy(student_logits, labels, mask)
 
     def ssl_log_keys(self) -> list[str]:
         return [*super().ssl_log_keys(), "ssl_mixed_fraction"]

@@ -71,7 +71,7 @@ class MetaSSL:
     def unsupervised_loss(self, student_logits: torch.Tensor, reference_logits: torch.Tensor, step: SSLStep,
                           voxel_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         loss, stats = self.metassl_losses[step.direction].unlabeled(student_logits, reference_logits,
-                                                                    voxel_weights=voxel_weights)
+                                                                    voxel_weights=step.voxel_weights(voxel_weights))
         return loss, {f"u_{k}": v for k, v in stats.items()}
 
     def labeled_loss(self, student_logits, reference_logits, target, step):
