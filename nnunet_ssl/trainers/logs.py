@@ -17,6 +17,13 @@ DOMINANT_SHARE = 1.0
 GATE_MINIMUM = 0.01
 
 
+def finite_mean(values: list[float]) -> float:
+    """The mean of the non-NaN values; NaN, without numpy's empty-slice warning, when there are none (a statistic
+    a step did not produce, e.g. the teacher's confidence during BCP's labeled-only pre-training)."""
+    kept = [float(v) for v in values if not np.isnan(v)]
+    return float(np.mean(kept)) if kept else float("nan")
+
+
 class SSLLogs:
     """Mixin of the SSL trainer: per-step statistics averaged per epoch (over DDP ranks too), the reference model's
     validation pseudo-Dice, one line per epoch in nnU-Net's log file, and ``progress_ssl.png``.
@@ -68,12 +75,11 @@ class SSLLogs:
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
         super().on_train_epoch_end(train_outputs)
         keys = [k for k in self.ssl_log_keys() if k not in self.validation_log_keys()]
-        means = {k: float(np.nanmean([s.get(k, np.nan) for s in self._epoch_stats])) if self._epoch_stats
-                 else float("nan") for k in keys}
+        means = {k: finite_mean([s.get(k, np.nan) for s in self._epoch_stats]) for k in keys}
         if self.is_ddp:
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, means)
-            means = {k: float(np.nanmean([g[k] for g in gathered])) for k in keys}
+            means = {k: finite_mean([g[k] for g in gathered]) for k in keys}
         for k in keys:
             self.logger.log(k, means[k], self.current_epoch)
         branch = f" (labeled branch {means['ssl_labeled_branch_loss']:.4f})" if self.uses_labeled_reference else ""

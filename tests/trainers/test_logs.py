@@ -17,3 +17,15 @@ def test_log_panels_fall_back_to_symlog_for_non_positive_values(tmp_path):
     plot_ssl_progress(log, [("supervised loss", {"sup": "ssl_sup_loss"}), ("unsupervised loss (log)",
                                                                           {"unsup": "ssl_unsup_loss"})], str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_epoch_means_skip_missing_values_without_a_warning():
+    import math
+    import warnings
+
+    from nnunet_ssl.trainers.logs import finite_mean
+
+    assert finite_mean([1.0, float("nan"), 3.0]) == 2.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's nanmean would warn "Mean of empty slice"
+        assert math.isnan(finite_mean([float("nan"), float("nan")])) and math.isnan(finite_mean([]))
