@@ -39,9 +39,9 @@ class UncertaintyAwareMeanTeacher(MeanTeacher):
     Presets (``preset``, or ``nnUNet_ssl_preset``):
 
     - ``"default"``: Mean Teacher's defaults (``lambda = 1`` after the common 20 % ramp; the teacher sees its own
-      intensity view, the stochastic passes that view plus noise): with the paper's ``lambda = 0.1`` the masked
-      MSE is, like Mean Teacher's, about 1e-4 of the supervised loss on Hippocampus, so the gate would decide
-      nothing.
+      intensity view, the stochastic passes that view plus noise): the masked MSE has the scale of Mean
+      Teacher's, which at the paper's ``lambda = 0.1`` was about 1e-4 of the supervised loss on Hippocampus (Mean
+      Teacher's logs; not measured for UA-MT), where the gate would decide nothing.
     - ``"paper"``: ``lambda(t) = 0.1 r(t)`` with the ramp over the whole training (the official
       ``consistency_rampup = 40`` epochs of 150 iterations is all 6,000 iterations), the teacher on the student's
       image plus noise.
