@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nnunet_ssl.errors import SSLInputError
 from nnunet_ssl.losses.consistency import (
     masked_mse_consistency,
     predictive_entropy,
@@ -65,6 +66,15 @@ class UncertaintyAwareMeanTeacher(MeanTeacher):
     uncertainty_passes_per_forward: int = 2
     #: length of the threshold's ramp, as a fraction of all training iterations
     uncertainty_rampup_fraction: float = 1.0
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        for name in ("uncertainty_passes", "uncertainty_passes_per_forward"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise SSLInputError(f"{name}={value!r} must be a whole number >= 1 (UA-MT's stochastic teacher "
+                                    "passes)")
 
     @classmethod
     def compute_units(cls, labeled_batch: int, unlabeled_batch: int) -> float:

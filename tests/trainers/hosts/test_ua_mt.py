@@ -90,3 +90,12 @@ def test_uamt_costs_t_teacher_passes_and_warns_when_the_gate_drops_everything(co
     warnings = trainer.mechanism_warnings({"ssl_certain_fraction": 0.004})
     assert any("certainty gate drops nearly everything" in w for w in warnings)
     assert not trainer.mechanism_warnings({"ssl_certain_fraction": 0.5})
+
+
+def test_uamt_refuses_zero_passes_with_one_line(copy_planned, monkeypatch):
+    from nnunet_ssl.errors import SSLInputError
+
+    budget_split(copy_planned)
+    monkeypatch.setenv("nnUNet_ssl_settings", "uncertainty_passes=0")
+    with pytest.raises(SSLInputError, match="uncertainty_passes=0 must be a whole number >= 1"):
+        make_trainer(nnUNetTrainerUAMT, copy_planned["root"], copy_planned["dataset"], monkeypatch)
