@@ -133,6 +133,41 @@ def budget_split(ds: dict) -> tuple[list[str], list[str], list[str]]:
     return labeled, val, unlabeled
 
 
+def budgeted_trainer(cls, ds: dict, monkeypatch, **kwargs):
+    """``cls`` on the synthetic dataset with :func:`budget_split`'s budget, initialised (kwargs: make_trainer's)."""
+    budget_split(ds)
+    trainer = make_trainer(cls, ds["root"], ds["dataset"], monkeypatch, **kwargs)
+    trainer.initialize()
+    return trainer
+
+
+def record_unsupervised_calls(monkeypatch, cls) -> list[tuple[int, int]]:
+    """Patches ``cls.unsupervised_loss`` to record (step.direction, batch size) of every call, in order."""
+    calls: list[tuple[int, int]] = []
+    original = cls.unsupervised_loss
+
+    def recording(self, student, reference, step, voxel_weights=None):
+        calls.append((step.direction, student.shape[0]))
+        return original(self, student, reference, step, voxel_weights)
+
+    monkeypatch.setattr(cls, "unsupervised_loss", recording)
+    return calls
+
+
+def random_batch(trainer, patch: tuple[int, ...], seed: int = 0, labeled: int = 2, unlabeled: int = 2,
+                 views: int = 2) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Seeded labeled images, nnU-Net's deep-supervision targets for ``trainer``'s network (3 classes) and
+    ``views`` unlabeled views: (data, target, {"view0": ..., ...})."""
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randn(labeled, 1, *patch, generator=g)
+    full = torch.randint(0, 3, (labeled, 1, *patch), generator=g).float()
+    with torch.no_grad():
+        out = trainer.network(torch.zeros(1, 1, *patch))
+    shapes = [tuple(o.shape[2:]) for o in (out if isinstance(out, (list, tuple)) else [out])]
+    target = [torch.nn.functional.interpolate(full, size=s, mode="nearest") for s in shapes]
+    return data, target, {f"view{k}": torch.randn(unlabeled, 1, *patch, generator=g) for k in range(views)}
+
+
 def state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of a module's state dict, to compare before and after training steps."""
     return {k: v.detach().clone() for k, v in module.state_dict().items()}

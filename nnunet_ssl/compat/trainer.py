@@ -20,6 +20,8 @@ from torch import distributed as dist
 from torch import nn
 from torch._dynamo import OptimizedModule
 
+from nnunet_ssl.errors import SSLInputError
+
 #: the keys of checkpoint_final.pth that nnU-Net's predictor reads besides the weights
 #: (nnunetv2/inference/predict_from_raw_data.py, nnUNetPredictor.initialize_from_trained_model_folder)
 INFERENCE_KEYS = ("init_args", "trainer_name", "inference_allowed_mirroring_axes", "current_epoch")
@@ -33,6 +35,88 @@ def unwrap(network: nn.Module) -> nn.Module:
     if isinstance(network, OptimizedModule):
         network = network._orig_mod
     return network
+
+
+class FeatureTaps:
+    """Forward hooks on a dynamic_network_architectures U-Net (``PlainConvUNet``, ``ResidualEncoderUNet``: the
+    networks of nnU-Net's plans) that record, while armed, two intermediate outputs of a normal forward:
+
+    - ``high``: the bottleneck, the output of the encoder's last stage ``encoder.stages[-1]`` (the last of the
+      encoder's skips, which the decoder starts from);
+    - ``low``: the last decoder stage ``decoder.stages[-1]``, the features the last segmentation head
+      (``decoder.seg_layers[-1]``) reads, at the resolution of the first encoder stage (nnU-Net's plans: the full
+      patch resolution).
+
+    The hooks sit on the plain module behind DDP and torch.compile (:func:`unwrap`), so the forward still runs
+    through the wrappers (DDP's gradient sync). They stay registered, disarmed, until :meth:`remove`: Dynamo
+    ignores hooks added to a module after it was compiled (``torch._dynamo.config.skip_nnmodule_hook_guards``),
+    so a compiled network needs them before its first forward; disarmed they record nothing (under torch.compile,
+    one graph for each state). :func:`feature_taps` is the one-off form that removes them again."""
+
+    NAMES = ("high", "low")
+
+    def __init__(self, network: nn.Module):
+        net = unwrap(network)
+        encoder, decoder = getattr(net, "encoder", None), getattr(net, "decoder", None)
+        stages = [getattr(encoder, "stages", None), getattr(decoder, "stages", None)]
+        if any(not isinstance(s, (nn.Sequential, nn.ModuleList)) or len(s) == 0 for s in stages):
+            raise SSLInputError(
+                f"feature consistency reads the bottleneck (encoder.stages[-1]) and the last decoder stage "
+                f"(decoder.stages[-1]) of a dynamic_network_architectures U-Net; {type(net).__name__} has no such "
+                "modules: train with plans whose network is PlainConvUNet or ResidualEncoderUNet (nnU-Net's "
+                "default or ResEnc plans)")
+        self.modules = {"high": stages[0][-1], "low": stages[1][-1]}
+        self.armed = False
+        self.features: dict[str, torch.Tensor] = {}
+        self._handles = [self.modules["high"].register_forward_hook(self._record_high),
+                         self.modules["low"].register_forward_hook(self._record_low)]
+
+    def _record_high(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self.armed:
+            self.features["high"] = output
+
+    def _record_low(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self.armed:
+            self.features["low"] = output
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Arms the hooks for the forwards inside the block; yields the dict they fill (``high``, ``low``; the same
+        dict object every time, emptied on entry: read it before the next capture)."""
+        self.features.clear()
+        self.armed = True
+        try:
+            yield self.features
+        finally:
+            self.armed = False
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(high, low) of the last captured forward; one clear error if the hooks did not fire."""
+        missing = [n for n in self.NAMES if n not in self.features]
+        if missing:
+            raise SSLInputError(
+                f"the feature hooks recorded no {' and no '.join(missing)} features: the network was probably "
+                "compiled (torch.compile) before they were registered, or its forward skips encoder.stages[-1] / "
+                "decoder.stages[-1]; register FeatureTaps before the first forward, or set nnUNet_compile=f")
+        return self.features["high"], self.features["low"]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.armed = False
+
+
+@contextlib.contextmanager
+def feature_taps(network: nn.Module) -> Iterator[FeatureTaps]:
+    """:class:`FeatureTaps` armed for the block and removed after it (no hooks left behind); after the forwards,
+    ``taps.read()`` gives (bottleneck, last decoder stage). For networks that are not compiled."""
+    taps = FeatureTaps(network)
+    try:
+        with taps.capture():
+            yield taps
+    finally:
+        taps.remove()
 
 
 def log_history(trainer: nnUNetTrainer) -> dict[str, list]:

@@ -6,7 +6,9 @@ with real worker processes in ``tests/trainers/test_base.py``."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 from helpers import make_trainer
 from nnunetv2.training.logging.nnunet_logger import MetaLogger
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -14,8 +16,10 @@ from torch import nn
 
 from nnunet_ssl.compat.trainer import (
     INFERENCE_KEYS,
+    FeatureTaps,
     atomic_save,
     ensure_log_keys,
+    feature_taps,
     log_history,
     network_swapped,
     nnunet_checkpoint,
@@ -24,6 +28,7 @@ from nnunet_ssl.compat.trainer import (
     unwrap,
     write_inference_checkpoint,
 )
+from nnunet_ssl.errors import SSLInputError
 from nnunet_ssl.trainers import nnUNetTrainerSupervised
 from nnunet_ssl.trainers.base import full_resolution, split_batch
 
@@ -124,3 +129,68 @@ def test_predictor_loads_an_inference_checkpoint(copy_planned, monkeypatch, tmp_
     predictor.initialize_from_trained_model_folder(str(folder), (0,), "checkpoint_final_extra.pth")
     loaded = predictor.list_of_parameters[0]
     assert all(torch.equal(loaded[k], v) for k, v in weights.items())
+
+
+def _small_unet(cls, conv_op, deep_supervision=False):
+    """A three-stage PlainConvUNet or ResidualEncoderUNet as nnU-Net's plans build them, with 4/8/16 features."""
+    dims = 2 if conv_op is nn.Conv2d else 3
+    blocks = {"n_conv_per_stage": 1} if cls is PlainConvUNet else {"n_blocks_per_stage": 1}
+    return cls(input_channels=1, n_stages=3, features_per_stage=[4, 8, 16], conv_op=conv_op, kernel_sizes=3,
+               strides=[1, 2, 2], num_classes=3, n_conv_per_stage_decoder=1, conv_bias=True,
+               norm_op=nn.InstanceNorm2d if dims == 2 else nn.InstanceNorm3d, norm_op_kwargs={"affine": True},
+               nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=deep_supervision, **blocks)
+
+
+@pytest.mark.parametrize("cls", [PlainConvUNet, ResidualEncoderUNet])
+@pytest.mark.parametrize("conv_op, spatial", [(nn.Conv2d, (12, 16)), (nn.Conv3d, (8, 12, 16))])
+def test_feature_taps_return_the_bottleneck_and_the_last_decoder_stage(cls, conv_op, spatial):
+    torch.manual_seed(0)
+    net = _small_unet(cls, conv_op)
+    x = torch.randn(2, 1, *spatial)
+    with feature_taps(net) as taps:
+        out = net(x)
+    high, low = taps.read()
+    bottleneck = tuple(n // 4 for n in spatial)
+    assert high.shape == (2, 16, *bottleneck) and low.shape == (2, 4, *spatial)
+    with torch.no_grad():
+        assert torch.allclose(high, net.encoder(x)[-1])  # the encoder's last skip
+        assert torch.allclose(net.decoder.seg_layers[-1](low), out)  # what the segmentation head reads
+    assert high.requires_grad and low.requires_grad  # features of a training forward keep their graph
+    assert all(not m._forward_hooks for m in net.modules())  # no hooks left behind
+
+
+def test_feature_taps_unwrap_record_only_while_armed_and_refuse_other_networks():
+    net = _small_unet(PlainConvUNet, nn.Conv2d, deep_supervision=True)
+    taps = FeatureTaps(torch.compile(net))  # compile is lazy: the hooks sit on the plain module
+    assert taps.modules["high"] is net.encoder.stages[-1] and taps.modules["low"] is net.decoder.stages[-1]
+    x = torch.randn(1, 1, 8, 8)
+    net(x)
+    assert taps.features == {}  # disarmed: nothing recorded
+    with pytest.raises(SSLInputError, match="nnUNet_compile=f"):
+        taps.read()
+    with taps.capture() as features:
+        outputs = net(x)
+    assert set(features) == {"high", "low"} and features["low"].shape == outputs[0].shape[:1] + (4, 8, 8)
+    taps.remove()
+    assert all(not m._forward_hooks for m in net.modules())
+    with pytest.raises(SSLInputError, match="PlainConvUNet or ResidualEncoderUNet"):
+        FeatureTaps(nn.Sequential(nn.Conv2d(1, 2, 3)))
+
+
+def test_feature_taps_registered_before_compilation_record_through_torch_compile():
+    # Dynamo ignores hooks added after a module's first compiled call; taps registered before it are traced, one
+    # graph per armed state (aot_eager: Dynamo and AOTAutograd as in nnU-Net's compile, without code generation)
+    net = _small_unet(PlainConvUNet, nn.Conv2d, deep_supervision=True)
+    taps = FeatureTaps(net)
+    compiled = torch.compile(net, backend="aot_eager")
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        compiled(x)  # a validation forward, disarmed
+    assert taps.features == {}
+    with taps.capture():
+        compiled(x)
+    high, low = taps.read()
+    low.abs().mean().backward()
+    assert float(net.encoder.stages[0][0].convs[0].conv.weight.grad.abs().sum()) > 0
+    with torch.no_grad():
+        assert torch.allclose(high, net.encoder(x)[-1], atol=1e-5)

@@ -64,6 +64,9 @@ def run_rank(rank: int, world: int, root: str, dataset: str, port: int, out_dir:
             "reference2": {k: v.cpu() for k, v in trainer.teacher2.state_dict().items()}
             if hasattr(trainer, "teacher2") else {},
             "alternation": trainer.alternation.state_dict() if hasattr(trainer, "alternation") else None,
+            # C3S3's projector heads, trained beside each network (their own DDP wrappers)
+            "projectors": [{k: v.cpu() for k, v in unwrap(p).state_dict().items()}
+                           for p in getattr(trainer, "projectors", [])],
             "student": {k: v.cpu() for k, v in unwrap(trainer.network).state_dict().items()},
             "view_sums": recorders[-1].sums,
             "ssl_step": trainer.ssl_step,

@@ -19,7 +19,8 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("trainer", ["nnUNetTrainerMeanTeacher", "nnUNetTrainerCPSMetaSSL", "nnUNetTrainerMEDL",
-                                     "nnUNetTrainerMeanTeacherQualityGuided", "nnUNetTrainerADMT"])
+                                     "nnUNetTrainerMeanTeacherQualityGuided", "nnUNetTrainerADMT",
+                                     "nnUNetTrainerC3S3", "nnUNetTrainerM3HL"])
 def test_ssl_trainer_under_ddp_with_two_gloo_ranks(trainer, copy_planned, tmp_path, monkeypatch):
     pp = copy_planned["root"] / "preprocessed" / copy_planned["dataset"]
     ids = case_ids(pp)
@@ -44,6 +45,10 @@ def test_ssl_trainer_under_ddp_with_two_gloo_ranks(trainer, copy_planned, tmp_pa
     for k in r0["reference2"]:
         assert torch.equal(r0["reference2"][k], r1["reference2"][k]), k
     assert r0["alternation"] == r1["alternation"]
+    assert len(r0["projectors"]) == (2 if "C3S3" in trainer else 0)
+    for p0, p1 in zip(r0["projectors"], r1["projectors"]):
+        for k in p0:
+            assert torch.equal(p0[k], p1[k]), k
     if "ADMT" in trainer:  # both teachers were updated, in turns of one step (half of a 3-iteration epoch)
         assert r0["reference2"] and r0["alternation"]["switches"] == 6
     # the quality predictor: frozen, never DDP-wrapped, unchanged on every rank; QAR was active by the last step
@@ -58,5 +63,6 @@ def test_ssl_trainer_under_ddp_with_two_gloo_ranks(trainer, copy_planned, tmp_pa
     assert r0["view_sums"] != r1["view_sums"]
     out = copy_planned["root"] / "results" / copy_planned["dataset"] / \
         f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
-    extra = "checkpoint_final_net2.pth" if "CPS" in trainer or "MEDL" in trainer else "checkpoint_final_teacher.pth"
+    two_networks = any(name in trainer for name in ("CPS", "MEDL", "C3S3", "ABD", "CAD"))
+    extra = "checkpoint_final_net2.pth" if two_networks else "checkpoint_final_teacher.pth"
     assert (out / "checkpoint_final.pth").is_file() and (out / extra).is_file()

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from nnunet_ssl.parts.copy_paste import (
+    block_edges,
+    block_mask,
     box_mask,
     halves,
     largest_component_per_class,
@@ -120,3 +122,67 @@ def test_largest_component_per_class_keeps_one_component_each():
     assert out[0, 0, 0] == 0 and (out == 2).sum() == 4 and not (out == 1).any()
     empty, removed = largest_component_per_class(torch.zeros(1, 3, 3, dtype=torch.long), 3)
     assert not empty.any() and removed == 0.0
+
+
+# ------------------------------------------------------------------ M3HL's block masks and per-sample pasting
+def _cells_of(keep: torch.Tensor, edges: list[list[int]]) -> torch.Tensor:
+    """The value of each grid cell of one sample's mask, checking by hand that the cell is constant."""
+    cells = torch.zeros([len(e) - 1 for e in edges], dtype=torch.bool)
+    for index in torch.cartesian_prod(*[torch.arange(len(e) - 1) for e in edges]).reshape(-1, len(edges)).tolist():
+        block = keep[tuple(slice(e[i], e[i + 1]) for e, i in zip(edges, index))]
+        assert block.numel() > 0 and (block.all() or not block.any()), index  # one value per cell
+        cells[tuple(index)] = block[(0,) * block.ndim]
+    return cells
+
+
+def test_block_edges_cover_every_voxel_once():
+    assert block_edges(256, 4) == [0, 64, 128, 192, 256]  # the official 64 px blocks
+    assert block_edges(112, 4) == [0, 28, 56, 84, 112] and block_edges(80, 4) == [0, 20, 40, 60, 80]
+    assert block_edges(7, 4) == [0, 1, 3, 5, 7] and block_edges(10, 4) == [0, 2, 5, 7, 10]
+    assert block_edges(3, 4) == [0, 1, 2, 3]  # at most one cell per voxel
+
+
+@pytest.mark.parametrize("spatial, grid, cells", [((8, 8), 4, 16), ((7, 10), 4, 16), ((8, 12, 6), (4, 4, 2), 32),
+                                                  ((3, 9, 5), 4, 48)])
+def test_block_mask_zeroes_half_of_the_grid_cells_of_each_sample(spatial, grid, cells):
+    g = torch.Generator().manual_seed(0)
+    keep = block_mask(5, spatial, grid, 0.5, generator=g)
+    assert keep.shape == (5, *spatial) and keep.dtype == torch.bool
+    grid = (grid,) * len(spatial) if isinstance(grid, int) else grid
+    edges = [block_edges(n, c) for n, c in zip(spatial, grid)]
+    patterns = set()
+    for b in range(5):
+        values = _cells_of(keep[b], edges)
+        assert values.numel() == cells and int((~values).sum()) == cells // 2  # int(G * 0.5) cells are zero
+        patterns.add(tuple(values.flatten().tolist()))
+    assert len(patterns) > 1  # drawn per sample
+    again = block_mask(5, spatial, grid, 0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(keep, again)  # the generator decides everything
+
+
+def test_block_mask_official_sizes_and_ratio():
+    keep = block_mask(2, (256, 256), 4, 0.5, generator=torch.Generator().manual_seed(1))
+    assert float((~keep).float().mean()) == 0.5  # 8 of 16 blocks of 64 x 64
+    keep = block_mask(1, (112, 112, 80), 4, 0.5, generator=torch.Generator().manual_seed(1))
+    assert int((~keep).sum()) == 32 * 28 * 28 * 20
+    keep = block_mask(3, (8, 8), 4, 0.25, generator=torch.Generator().manual_seed(1))
+    assert all(int((~k).sum()) == 4 * 4 for k in keep)  # int(16 * 0.25) = 4 cells of 2 x 2
+    with pytest.raises(ValueError, match="grid"):
+        block_mask(1, (8, 8, 8), (4, 4))
+
+
+def test_paste_with_per_sample_masks_matches_a_hand_made_mix():
+    outer = torch.arange(12.0).reshape(2, 1, 2, 3)
+    inner = -torch.arange(12.0).reshape(2, 1, 2, 3) - 1
+    keep = torch.tensor([[[1, 0, 1], [0, 0, 1]], [[0, 1, 1], [1, 0, 0]]], dtype=torch.bool)
+    expected = torch.tensor([[[[0.0, -2.0, 2.0], [-4.0, -5.0, 5.0]]], [[[-7.0, 7.0, 8.0], [9.0, -11.0, -12.0]]]])
+    assert torch.equal(paste(outer, inner, keep, per_sample=True), expected)
+    labels_outer, labels_inner = torch.full((2, 2, 3), 1), torch.full((2, 2, 3), 2)
+    mixed = paste(labels_outer, labels_inner, keep, per_sample=True)
+    assert torch.equal(mixed, torch.where(keep, 1, 2))  # labels with exactly the images' mask
+    assert torch.equal(mixed == 1, expected[:, 0] >= 0)
+    with pytest.raises(ValueError, match="per-sample mask"):
+        paste(outer, inner, keep[:1], per_sample=True)
+    # B == C == 2 with a shared mask of the same trailing shape keeps the shared meaning without the flag
+    images = torch.arange(24.0).reshape(2, 2, 2, 3)
+    assert torch.equal(paste(images, -images, keep), torch.where(keep, images, -images))

@@ -11,10 +11,13 @@ from nnunet_ssl import trainers
 from nnunet_ssl.cli.trainers import available_trainers
 from nnunet_ssl.trainers import catalogue
 from nnunet_ssl.trainers.base import nnUNetTrainerSSL
+from nnunet_ssl.trainers.hosts.abd import AdaptiveBidirectionalDisplacement, ConfidenceAwareDisplacement
 from nnunet_ssl.trainers.hosts.ad_mt import AlternateDiverseTeachers
 from nnunet_ssl.trainers.hosts.bcp import BidirectionalCopyPaste
+from nnunet_ssl.trainers.hosts.c3s3 import ComplementaryCompetition
 from nnunet_ssl.trainers.hosts.cps import CrossPseudoSupervision
 from nnunet_ssl.trainers.hosts.fixmatch import FixMatch
+from nnunet_ssl.trainers.hosts.m3hl import MutualMaskMixFeatures
 from nnunet_ssl.trainers.hosts.mean_teacher import MeanTeacher
 from nnunet_ssl.trainers.hosts.two_networks import TwoNetworks
 from nnunet_ssl.trainers.hosts.ua_mt import UncertaintyAwareMeanTeacher
@@ -23,7 +26,8 @@ from nnunet_ssl.trainers.plugins.metassl import MetaSSL
 from nnunet_ssl.trainers.plugins.quality import QualityGuidance
 
 HOSTS = (MeanTeacher, FixMatch, CrossPseudoSupervision, TwoNetworks, UncertaintyAwareMeanTeacher,
-         AlternateDiverseTeachers, BidirectionalCopyPaste)
+         AlternateDiverseTeachers, BidirectionalCopyPaste, MutualMaskMixFeatures, AdaptiveBidirectionalDisplacement,
+         ConfidenceAwareDisplacement, ComplementaryCompetition)
 PLUGINS = (MetaSSL, QualityGuidance, MutualEvidential)
 
 
@@ -41,7 +45,9 @@ def test_every_catalogue_line_is_one_line_with_an_empty_body():
 
 def test_names_read_host_then_plugins():
     expected = {"MeanTeacher": MeanTeacher, "FixMatch": FixMatch, "CPS": CrossPseudoSupervision,
-                "UAMT": UncertaintyAwareMeanTeacher, "ADMT": AlternateDiverseTeachers, "BCP": BidirectionalCopyPaste}
+                "UAMT": UncertaintyAwareMeanTeacher, "ADMT": AlternateDiverseTeachers, "BCP": BidirectionalCopyPaste,
+                "M3HL": MutualMaskMixFeatures, "ABD": AdaptiveBidirectionalDisplacement,
+                "CAD": ConfidenceAwareDisplacement, "C3S3": ComplementaryCompetition}
     plugin_names = {"MetaSSL": MetaSSL, "QAR": QualityGuidance, "QW": QualityGuidance,
                     "QualityGuided": QualityGuidance}
     for name in trainers.__all__:
@@ -68,7 +74,7 @@ def test_names_read_host_then_plugins():
 def test_all_is_derived_from_the_catalogue_and_listed_by_the_command():
     classes = {n for n, v in vars(catalogue).items() if inspect.isclass(v) and v.__module__ == catalogue.__name__}
     assert set(catalogue.__all__) == classes == set(trainers.__all__)
-    assert len(classes) == 20
+    assert len(classes) == 29
     listed = available_trainers()
     assert set(listed) == classes
     assert listed["nnUNetTrainerCPS"] == catalogue.nnUNetTrainerCPS.__doc__

@@ -3,6 +3,7 @@ on the unlabeled parts, after a copy-paste pre-training on labeled images in the
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from nnunet_ssl.parts.copy_paste import (
 )
 from nnunet_ssl.parts.ema import ema_update
 from nnunet_ssl.parts.ramps import sigmoid_rampup
-from nnunet_ssl.trainers.base import full_resolution
+from nnunet_ssl.trainers.base import full_resolution, split_batch
 from nnunet_ssl.trainers.hosts.mean_teacher import MeanTeacher
 from nnunet_ssl.trainers.step import SSLStep
 
@@ -34,7 +35,8 @@ LA_PRETRAIN_FRACTION = 2000 / (2000 + 15000)
 class MixedBatch:
     """What the self-training step leaves on ``step.host_data`` for ``unsupervised_loss``, plug-ins and tests."""
 
-    #: BCP's M (spatial shape): False inside the box, True outside; the same for every sample
+    #: M per pair (n, *spatial): False where the labeled image's content of X_in goes (BCP: inside the box, the same
+    #: box for every pair), True elsewhere
     keep: torch.Tensor
     #: n, the number of mixed images per direction: ``student_image`` is (X_in: n samples, X_out: n samples)
     pairs: int
@@ -108,6 +110,11 @@ class BidirectionalCopyPaste(MeanTeacher):
     - ``"default"``: the same. The pre-training already warms the student up, so the common 20 % ramp of the other
       hosts is not needed; BCP's loss has a fixed ratio of labeled and pseudo-labeled terms by construction.
 
+    ``plain_supervision = True`` (a setting, off in both presets until the validation sweep decides) adds to stage
+    1's ``L_sup`` nnU-Net's deep-supervised Dice + CE of the student on the plain labeled batch, in the same forward
+    as the mixed images (``3 B`` more per step): the labels then also reach the network whole, not only as
+    pasted parts of mixed images. Not in the paper or the official code.
+
     MetaSSL on BCP (``uses_labeled_reference``): the reference is the teacher's logits pasted with the same mask as
     the images (the teacher on U for the unlabeled parts, an extra teacher forward on the labeled batch for the
     labeled parts), so it is the teacher's prediction of every voxel the student sees. ``L_sup`` stays BCP's labeled
@@ -148,7 +155,8 @@ class BidirectionalCopyPaste(MeanTeacher):
 
     paper_settings = {"unsupervised_weight": 0.5, "rampup_fraction": 0.0, "unsupervised_share": None,
                       "calibrate_reference": False, "pretrain_fraction": LA_PRETRAIN_FRACTION, "box_ratio": 2 / 3,
-                      "ema_max_decay": 0.99, "keep_largest_component": True}
+                      "ema_max_decay": 0.99, "keep_largest_component": True,
+                      "plain_supervision": False}
     #: u_weight, the weight of the pseudo-labeled regions (lambda, constant after the pre-training)
     unsupervised_weight = 0.5
     rampup_fraction = 0.0
@@ -160,6 +168,8 @@ class BidirectionalCopyPaste(MeanTeacher):
     ema_max_decay = 0.99
     #: the official "nms": keep the largest connected component of each class of the pseudo-labels
     keep_largest_component: bool = True
+    #: stage 1 also trains on the plain labeled batch with nnU-Net's deep-supervised Dice + CE (not in the paper)
+    plain_supervision: bool = False
     #: one unlabeled view: the teacher predicts the very images that are pasted
     view_intensity = (True,)
     needs_argmax_labels = True
@@ -233,7 +243,23 @@ class BidirectionalCopyPaste(MeanTeacher):
         return self.self_training_losses(step)
 
     def draw_mask(self, spatial: tuple[int, ...]) -> torch.Tensor:
+        """One box mask M (spatial shape): stage 0, and every pair of stage 1."""
         return box_mask(tuple(spatial), self.box_ratio, device=self.device)
+
+    def draw_masks(self, pairs: int, spatial: tuple[int, ...]) -> torch.Tensor:
+        """Stage 1's masks, one per pair (pairs, *spatial): BCP's one box for the whole batch."""
+        return self.draw_mask(tuple(spatial)).expand(pairs, *spatial)
+
+    def teacher_capture(self) -> contextlib.AbstractContextManager:
+        """Wraps the teacher's forward on the unlabeled batch (M3HL reads its features there)."""
+        return contextlib.nullcontext()
+
+    def student_capture(self) -> contextlib.AbstractContextManager:
+        """Wraps the student's forward on the mixed images."""
+        return contextlib.nullcontext()
+
+    def mixed_image_terms(self, step: SSLStep, stats: dict) -> None:
+        """Adds terms beside BCP's (M3HL's feature consistency) after the captured forwards; fills ``stats``."""
 
     def pretraining_losses(self, step: SSLStep) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """Stage 0: nnU-Net's loss on ``L_a M + L_b (1 - M)`` with the labels mixed by the same mask."""
@@ -255,10 +281,11 @@ class BidirectionalCopyPaste(MeanTeacher):
         data, unlabeled = step.data, step.views["view0"]
         labels = full_resolution(step.target)[:, 0].long()
         n = number_of_pairs(data.shape[0], unlabeled.shape[0])
-        keep = self.draw_mask(data.shape[2:])
+        keep = self.draw_masks(n, tuple(data.shape[2:]))
         with torch.no_grad():
             with self._autocast():
-                teacher_u = self.reference_logits(step)
+                with self.teacher_capture():
+                    teacher_u = self.reference_logits(step)
                 teacher_l = self.reference_logits_labeled(step) if self.uses_labeled_reference else None
             teacher_u = self.calibrated(teacher_u.float())
             pseudo = channel_argmax(teacher_u)
@@ -267,9 +294,8 @@ class BidirectionalCopyPaste(MeanTeacher):
                 pseudo, removed = largest_component_per_class(pseudo, self.label_manager.num_segmentation_heads)
             (la, lb), (ya, yb) = halves(data, n), halves(labels, n)
             (ua, ub), (pa, pb) = halves(unlabeled, n), halves(pseudo, n)
-            target = torch.cat([paste(pa, ya, keep), paste(yb, pb, keep)])
-            outside = keep.expand(n, *keep.shape)
-            labeled_region = torch.cat([~outside, outside])
+            target = torch.cat([paste(pa, ya, keep, per_sample=True), paste(yb, pb, keep, per_sample=True)])
+            labeled_region = torch.cat([~keep, keep])
             pseudo_region = ~labeled_region
             ignore = self.label_manager.ignore_label
             if ignore is not None:
@@ -282,20 +308,31 @@ class BidirectionalCopyPaste(MeanTeacher):
                 tla, tlb = torch.zeros_like(tua), torch.zeros_like(tub)
             else:
                 tla, tlb = halves(self.calibrated(teacher_l.float()), n)
-            reference = torch.cat([paste(tua, tla, keep), paste(tlb, tub, keep)])
-        step.student_image = torch.cat([paste(ua, la, keep), paste(lb, ub, keep)])
+            reference = torch.cat([paste(tua, tla, keep, per_sample=True), paste(tlb, tub, keep, per_sample=True)])
+        step.student_image = torch.cat([paste(ua, la, keep, per_sample=True), paste(lb, ub, keep, per_sample=True)])
         step.reference_weights = pseudo_region
         step.host_data = MixedBatch(keep=keep, pairs=n, target=target, labeled_region=labeled_region,
                                     pseudo_region=pseudo_region, pseudo_labels=pseudo)
+        plain = data.shape[0] if self.plain_supervision else 0
         with self._autocast():
-            logits = full_resolution(self.network(step.student_image))
+            with self.student_capture():
+                output = self.network(torch.cat([data, step.student_image]) if plain else step.student_image)
+            out_plain, output = split_batch(output, plain)
+            logits = full_resolution(output)
+            plain_loss = self.loss(out_plain, step.target) if plain else None
+            if self.is_ddp and isinstance(output, (list, tuple)) and plain_loss is None:
+                # DDP needs a gradient for every parameter: the coarser deep-supervision heads, unused here, get 0
+                plain_loss = sum(o.sum() for o in output[1:]) * 0.0
         with self._no_autocast():
             logits = logits.float()
             sup_loss = (region_dice_ce(logits[:n], target[:n], labeled_region[:n])
                         + region_dice_ce(logits[n:], target[n:], labeled_region[n:]))
+            if plain_loss is not None:
+                sup_loss = sup_loss + plain_loss.float()
             unsup_loss, stats = self.unsupervised_loss(logits, reference, step)
             stats = {**confidence_stats(teacher_u, self.confidence_threshold), "stage": 1.0,
                      "pasted_fraction": float((~keep).float().mean()), "lcc_removed": removed, **stats}
+            self.mixed_image_terms(step, stats)
             if self.uses_labeled_reference:
                 branch_target = torch.where(labeled_region, target,
                                             torch.full_like(target, self.outside_labels_value()))
@@ -309,10 +346,12 @@ class BidirectionalCopyPaste(MeanTeacher):
     def compute_units(cls, labeled_batch: int, unlabeled_batch: int) -> float:
         """Per step, averaged over the schedule: stage 0 a student forward and backward on ``ceil(B / 2)`` mixed
         images; stage 1 on the ``2 n`` mixed images (``n = ceil(max(B, U) / 2)``), a teacher forward on the U
-        unlabeled images and, with ``uses_labeled_reference``, on the B labeled ones."""
+        unlabeled images and, with ``uses_labeled_reference``, on the B labeled ones; with ``plain_supervision``
+        the student's forward and backward on the B plain labeled images."""
         stage0 = 3 * max(1, math.ceil(labeled_batch / 2))
         n = number_of_pairs(labeled_batch, unlabeled_batch)
-        stage1 = 3 * 2 * n + unlabeled_batch + (labeled_batch if cls.uses_labeled_reference else 0)
+        stage1 = 3 * 2 * n + unlabeled_batch + (labeled_batch if cls.uses_labeled_reference else 0) \
+            + (3 * labeled_batch if cls.plain_supervision else 0)
         f = float(cls.pretrain_fraction)
         return f * stage0 + (1.0 - f) * stage1
 

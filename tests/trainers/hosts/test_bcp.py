@@ -151,6 +151,29 @@ def test_self_training_mixes_both_ways_and_syncs_the_teacher_at_the_switch(copy_
         assert torch.equal(trainer.teacher.state_dict()[k], v), k
 
 
+def test_plain_supervision_adds_nnunets_loss_on_the_plain_labeled_batch(copy_planned, monkeypatch):
+    trainer = _bcp(BidirectionalCopyPaste, copy_planned, monkeypatch, epochs=2, iterations=5)
+    keep = _fixed_mask()
+    monkeypatch.setattr(trainer, "draw_mask", lambda spatial: keep)
+    trainer.ssl_step = trainer.pretrain_iterations
+    step = _step(trainer, seed=3)
+    sup_off, unsup_off, _ = trainer.forward_losses(step)
+    trainer.plain_supervision = True
+    trainer.ssl_step += 1  # past the switch: the teacher is not synced again
+    step_on = _step(trainer, seed=3)
+    sup_on, unsup_on, _ = trainer.forward_losses(step_on)
+    with torch.no_grad():
+        plain = trainer.loss(trainer.network(step_on.data), step_on.target)
+    # the same mixed images (one forward with the plain batch first), plus nnU-Net's loss on the plain images
+    assert torch.equal(step_on.student_image, step.student_image)
+    assert float(sup_on.detach()) == pytest.approx(float(sup_off.detach()) + float(plain), rel=1e-4, abs=1e-5)
+    assert float(unsup_on.detach()) == pytest.approx(float(unsup_off.detach()), rel=1e-4, abs=1e-6)
+    # 3 B more in stage 1 only
+    plain_cls = type("Plain", (BidirectionalCopyPaste,), {"plain_supervision": True})
+    assert plain_cls.compute_units(2, 2) == pytest.approx(BidirectionalCopyPaste.compute_units(2, 2)
+                                                          + 6 * (1 - LA_PRETRAIN_FRACTION))
+
+
 def test_odd_and_single_batches_pair_with_the_next_or_themselves(copy_planned, monkeypatch):
     trainer = _bcp(BidirectionalCopyPaste, copy_planned, monkeypatch, pretrain_fraction=0.0)
     keep = _fixed_mask()
