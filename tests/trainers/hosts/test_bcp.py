@@ -27,10 +27,12 @@ class BCPMetaSSL(MetaSSL, BidirectionalCopyPaste):
     """MetaSSL on BCP, as the catalogue composes it."""
 
 
-def _bcp(cls, ds, monkeypatch, pretrain_fraction=0.5, **kwargs):
+def _bcp(cls, ds, monkeypatch, pretrain_fraction=0.5, plain_supervision=False, **kwargs):
+    """BCP with the official loss unless ``plain_supervision`` (the default preset's extra term)."""
     budget_split(ds)
     trainer = make_trainer(cls, ds["root"], ds["dataset"], monkeypatch, **kwargs)
     trainer.pretrain_fraction = pretrain_fraction
+    trainer.plain_supervision = plain_supervision
     trainer.initialize()
     return trainer
 
@@ -169,9 +171,9 @@ def test_plain_supervision_adds_nnunets_loss_on_the_plain_labeled_batch(copy_pla
     assert float(sup_on.detach()) == pytest.approx(float(sup_off.detach()) + float(plain), rel=1e-4, abs=1e-5)
     assert float(unsup_on.detach()) == pytest.approx(float(unsup_off.detach()), rel=1e-4, abs=1e-6)
     # 3 B more in stage 1 only
-    plain_cls = type("Plain", (BidirectionalCopyPaste,), {"plain_supervision": True})
-    assert plain_cls.compute_units(2, 2) == pytest.approx(BidirectionalCopyPaste.compute_units(2, 2)
-                                                          + 6 * (1 - LA_PRETRAIN_FRACTION))
+    official = type("Official", (BidirectionalCopyPaste,), {"plain_supervision": False})
+    assert BidirectionalCopyPaste.compute_units(2, 2) == pytest.approx(official.compute_units(2, 2)
+                                                                       + 6 * (1 - LA_PRETRAIN_FRACTION))
 
 
 def test_odd_and_single_batches_pair_with_the_next_or_themselves(copy_planned, monkeypatch):
@@ -221,6 +223,7 @@ def test_presets_settings_and_compute_units(copy_planned, monkeypatch):
         assert trainer.box_ratio == pytest.approx(2 / 3) and trainer.ema_max_decay == 0.99
         assert trainer.pretrain_fraction == pytest.approx(2000 / 17000) and trainer.keep_largest_component
         assert trainer.view_intensity == (True,)
+    assert default.plain_supervision and not paper.plain_supervision
     for name, value in paper_settings_of(BidirectionalCopyPaste).items():
         assert getattr(paper, name) == value, name
     assert paper_settings_of(BCPMetaSSL)["unsupervised_weight"] == 0.1  # MetaSSL's schedule wins
@@ -228,14 +231,17 @@ def test_presets_settings_and_compute_units(copy_planned, monkeypatch):
     with pytest.raises(SSLInputError, match="pretrain_fraction"):
         make_trainer(BidirectionalCopyPaste, copy_planned["root"], copy_planned["dataset"], monkeypatch)
     f = LA_PRETRAIN_FRACTION
-    # stage 0: one mixed image (3); stage 1: two mixed images (6) + the teacher on U (2); MetaSSL: + teacher on L
-    assert BidirectionalCopyPaste.compute_units(2, 2) == pytest.approx(f * 3 + (1 - f) * 8)
-    assert BCPMetaSSL.compute_units(2, 2) == pytest.approx(f * 3 + (1 - f) * 10)
+    # stage 0: one mixed image (3); stage 1: two mixed images (6) + the plain labeled batch (6) + the teacher on U
+    # (2); MetaSSL: + teacher on L
+    assert BidirectionalCopyPaste.compute_units(2, 2) == pytest.approx(f * 3 + (1 - f) * 14)
+    assert BCPMetaSSL.compute_units(2, 2) == pytest.approx(f * 3 + (1 - f) * 16)
 
 
 @pytest.mark.parametrize("cls", [BidirectionalCopyPaste, BCPMetaSSL])
 def test_short_training_switches_stage_and_writes_the_teacher(cls, copy_planned, monkeypatch):
-    trainer = _bcp(cls, copy_planned, monkeypatch, pretrain_fraction=0.5, epochs=2, iterations=2)
+    # the default preset's loss (with the plain labeled batch)
+    trainer = _bcp(cls, copy_planned, monkeypatch, pretrain_fraction=0.5, plain_supervision=True, epochs=2,
+                   iterations=2)
     trainer.run_training()
     out = Path(trainer.output_folder)
     assert trainer.ssl_step == 4
