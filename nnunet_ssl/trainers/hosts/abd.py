@@ -228,17 +228,6 @@ class AdaptiveBidirectionalDisplacement(TwoNetworks):
         everywhere = torch.ones(student_logits.shape[2:], dtype=torch.bool, device=student_logits.device)
         return region_dice(student_logits, labels, everywhere), {}
 
-    def cross_loss(self, out1: torch.Tensor, out2: torch.Tensor,
-                   step: SSLStep) -> tuple[torch.Tensor, dict[str, float]]:
-        """Both directions of the cross pseudo-supervision on the same images (the displaced ones), through
-        ``unsupervised_loss``; each network's reference read through its own temperature."""
-        step.direction = 0
-        loss12, stats12 = self.unsupervised_loss(out1, self.calibrated(out2.detach(), 1), step)
-        step.direction = 1
-        loss21, stats21 = self.unsupervised_loss(out2, self.calibrated(out1.detach(), 0), step)
-        step.direction = 0
-        return loss12 + loss21, mean_stats([stats12, stats21])
-
     def abd_i_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(Dice + CE)/2 of one network on the ABD-I images (voxels of nnU-Net's ignore label left out)."""
         ignore = self.label_manager.ignore_label

@@ -112,14 +112,7 @@ class TwoNetworks(nnUNetTrainerSSL):
                     step: SSLStep) -> tuple[torch.Tensor, dict[str, float]]:
         """The unsupervised loss (before lambda) from both networks' full-resolution float32 logits on the
         unlabeled and labeled images, plus statistics to log."""
-        u1, u2 = unlabeled
-        # each network is the other's reference, read through its own temperature
-        step.direction = 0
-        loss12, stats12 = self.unsupervised_loss(u1, self.calibrated(u2.detach(), 1), step)
-        step.direction = 1
-        loss21, stats21 = self.unsupervised_loss(u2, self.calibrated(u1.detach(), 0), step)
-        loss = loss12 + loss21
-        stats = mean_stats([stats12, stats21])
+        loss, stats = self.cross_loss(*unlabeled, step)
         if self.uses_labeled_reference:
             (l1, l2), target = labeled, full_resolution(step.target)
             step.direction = 0
@@ -130,6 +123,17 @@ class TwoNetworks(nnUNetTrainerSSL):
             stats.update(mean_stats([stats_a, stats_b]), labeled_branch_loss=(a + b).detach())
         step.direction = 0
         return loss, stats
+
+    def cross_loss(self, out1: torch.Tensor, out2: torch.Tensor,
+                   step: SSLStep) -> tuple[torch.Tensor, dict[str, float]]:
+        """Both directions of ``unsupervised_loss`` on the same images: network 1 against network 2's detached
+        output (``step.direction`` 0) and back (1), each reference read through its own temperature."""
+        step.direction = 0
+        loss12, stats12 = self.unsupervised_loss(out1, self.calibrated(out2.detach(), 1), step)
+        step.direction = 1
+        loss21, stats21 = self.unsupervised_loss(out2, self.calibrated(out1.detach(), 0), step)
+        step.direction = 0
+        return loss12 + loss21, mean_stats([stats12, stats21])
 
     def ssl_state_dict(self) -> dict:
         return {**super().ssl_state_dict(), "network2_weights": unwrap(self.network2).state_dict(),
