@@ -14,14 +14,19 @@ from nnunet_ssl.trainers.hosts.ad_mt import AlternateDiverseTeachers as ADMT
 from nnunet_ssl.trainers.hosts.bcp import BidirectionalCopyPaste as BCP
 from nnunet_ssl.trainers.hosts.c3s3 import ComplementaryCompetition as C3S3
 from nnunet_ssl.trainers.hosts.cps import CrossPseudoSupervision as CPS
+from nnunet_ssl.trainers.hosts.cross_dimension import CrossDimensionCoTraining as MandN
 from nnunet_ssl.trainers.hosts.fixmatch import FixMatch
 from nnunet_ssl.trainers.hosts.m3hl import MutualMaskMixFeatures as M3HL
 from nnunet_ssl.trainers.hosts.mean_teacher import MeanTeacher
+from nnunet_ssl.trainers.hosts.mlb_seg import MetaLearnedBootstrapping as MLBSeg
 from nnunet_ssl.trainers.hosts.two_networks import SecondNetworkForInference, TwoNetworks
 from nnunet_ssl.trainers.hosts.ua_mt import UncertaintyAwareMeanTeacher as UAMT
 from nnunet_ssl.trainers.plugins.evidential import MutualEvidential
 from nnunet_ssl.trainers.plugins.metassl import MetaSSL
 from nnunet_ssl.trainers.plugins.quality import QAR, QW, QualityGuided
+from nnunet_ssl.trainers.plugins.self_paced_contrastive import SelfPacedContrastive
+from nnunet_ssl.trainers.plugins.semantic_augmentation import TransferableSemanticAugmentation as TSA
+from nnunet_ssl.trainers.plugins.shape_prior import EllipseShapePrior as ERSR
 
 
 # baselines
@@ -38,6 +43,8 @@ class nnUNetTrainerBCP(BCP): """BCP: labeled and unlabeled patches copy-pasted b
 class nnUNetTrainerM3HL(M3HL): """M3HL: complementary block masks mix labeled and unlabeled; EMA-teacher features."""
 class nnUNetTrainerABD(ABD): """ABD: two nets; each view's least confident patch replaced by a confident one."""
 class nnUNetTrainerCAD(CAD): """CAD: ABD displacing the largest low-confidence region, thresholds rising."""
+class nnUNetTrainerMLBSeg(MLBSeg): """MLB-Seg: per-voxel weights of two label maps learned by a look-ahead step."""
+class nnUNetTrainerMandN(MandN): """M&N: a 2D and the 3D network co-trained on each other's soft labels."""
 
 # MetaSSL's heterogeneous loss on each host
 class nnUNetTrainerMeanTeacherMetaSSL(MetaSSL, MeanTeacher): """MetaSSL's UC/US/DC/DS loss, EMA teacher."""
@@ -55,6 +62,12 @@ class nnUNetTrainerMeanTeacherQAR(QAR, MeanTeacher): """Mean Teacher plus QG-SSL
 class nnUNetTrainerMeanTeacherQW(QW, MeanTeacher): """QG-SSL's quality-weighted teacher pseudo-labels (PL-QW)."""
 class nnUNetTrainerMeanTeacherQualityGuided(QualityGuided, MeanTeacher): """QAR and PL-QW, each with its ramp."""
 class nnUNetTrainerMeanTeacherQualityGuidedMetaSSL(QualityGuided, MetaSSL, MeanTeacher): """MetaSSL x quality."""
+
+# feature-level and shape plug-ins on Mean Teacher
+class nnUNetTrainerMeanTeacherTransMedSeg(TSA, MeanTeacher): """TransMedSeg: features moved toward the other domain."""
+class nnUNetTrainerMeanTeacherERSR(ERSR, MeanTeacher): """ERSR: scored, ellipse-refined teacher labels (2D)."""
+class nnUNetTrainerMeanTeacherSelfPacedContrastive(SelfPacedContrastive, MeanTeacher):
+    """Self-paced contrastive pre-training by meta-labels, then a regulariser."""
 
 # evidence from two networks of different architectures
 class nnUNetTrainerMEDL(MutualEvidential, TwoNetworks): """Mutual evidential learning, PlainConv + ResEnc U-Net."""

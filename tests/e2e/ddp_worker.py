@@ -27,6 +27,17 @@ class _Recorder:
             self.inner._finish()
 
 
+def _tensors(state, prefix: str = "") -> dict:
+    out = {}
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    for k, v in items:
+        if isinstance(v, torch.Tensor):
+            out[f"{prefix}{k}"] = v.detach().cpu()
+        elif isinstance(v, (dict, list, tuple)):
+            out.update(_tensors(v, f"{prefix}{k}."))
+    return out
+
+
 def run_rank(rank: int, world: int, root: str, dataset: str, port: int, out_dir: str,
              trainer_name: str = "nnUNetTrainerMeanTeacher") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), nnUNet_raw=f"{root}/raw",
@@ -70,6 +81,8 @@ def run_rank(rank: int, world: int, root: str, dataset: str, port: int, out_dir:
             "student": {k: v.cpu() for k, v in unwrap(trainer.network).state_dict().items()},
             "view_sums": recorders[-1].sums,
             "ssl_step": trainer.ssl_step,
+            # every tensor of the SSL state (class statistics, second networks, ...), by its flattened key
+            "ssl_state": _tensors(trainer.ssl_state_dict()),
             "predictor_wrapped": isinstance(getattr(trainer, "quality_predictor", None),
                                             torch.nn.parallel.DistributedDataParallel),
             "predictor": {k: v.cpu() for k, v in trainer.quality_predictor.state_dict().items()}

@@ -18,9 +18,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: prefixes of flattened ``ssl_state_dict()`` keys that must be identical on both ranks (reduced across ranks, or
+#: trained under DDP), per trainer
+SHARED_STATE: dict[str, tuple[str, ...]] = {}
+
+
 @pytest.mark.parametrize("trainer", ["nnUNetTrainerMeanTeacher", "nnUNetTrainerCPSMetaSSL", "nnUNetTrainerMEDL",
                                      "nnUNetTrainerMeanTeacherQualityGuided", "nnUNetTrainerADMT",
-                                     "nnUNetTrainerC3S3", "nnUNetTrainerM3HL"])
+                                     "nnUNetTrainerC3S3", "nnUNetTrainerM3HL", "nnUNetTrainerMLBSeg",
+                                     "nnUNetTrainerMandN", "nnUNetTrainerMeanTeacherTransMedSeg",
+                                     "nnUNetTrainerMeanTeacherSelfPacedContrastive"])
 def test_ssl_trainer_under_ddp_with_two_gloo_ranks(trainer, copy_planned, tmp_path, monkeypatch):
     pp = copy_planned["root"] / "preprocessed" / copy_planned["dataset"]
     ids = case_ids(pp)
@@ -44,6 +51,10 @@ def test_ssl_trainer_under_ddp_with_two_gloo_ranks(trainer, copy_planned, tmp_pa
         assert torch.equal(r0["reference"][k], r1["reference"][k]), k
     for k in r0["reference2"]:
         assert torch.equal(r0["reference2"][k], r1["reference2"][k]), k
+    shared = [k for k in r0["ssl_state"] if k.startswith(SHARED_STATE.get(trainer, ()))]
+    assert len(shared) >= len(SHARED_STATE.get(trainer, ()))
+    for k in shared:
+        assert torch.equal(r0["ssl_state"][k], r1["ssl_state"][k]), k
     assert r0["alternation"] == r1["alternation"]
     assert len(r0["projectors"]) == (2 if "C3S3" in trainer else 0)
     for p0, p1 in zip(r0["projectors"], r1["projectors"]):

@@ -74,7 +74,7 @@ def test_names_read_host_then_plugins():
 def test_all_is_derived_from_the_catalogue_and_listed_by_the_command():
     classes = {n for n, v in vars(catalogue).items() if inspect.isclass(v) and v.__module__ == catalogue.__name__}
     assert set(catalogue.__all__) == classes == set(trainers.__all__)
-    assert len(classes) == 29
+    assert len(classes) == 34
     listed = available_trainers()
     assert set(listed) == classes
     assert listed["nnUNetTrainerCPS"] == catalogue.nnUNetTrainerCPS.__doc__
