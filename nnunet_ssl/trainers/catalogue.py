@@ -24,7 +24,7 @@ from nnunet_ssl.trainers.hosts.ua_mt import UncertaintyAwareMeanTeacher as UAMT
 from nnunet_ssl.trainers.plugins.evidential import MutualEvidential
 from nnunet_ssl.trainers.plugins.metassl import MetaSSL
 from nnunet_ssl.trainers.plugins.quality import QAR, QW, QualityGuided
-from nnunet_ssl.trainers.plugins.self_paced_contrastive import SelfPacedContrastive
+from nnunet_ssl.trainers.plugins.self_paced_contrastive import SelfPacedContrastive as SPCL
 from nnunet_ssl.trainers.plugins.semantic_augmentation import TransferableSemanticAugmentation as TSA
 from nnunet_ssl.trainers.plugins.shape_prior import EllipseShapePrior as ERSR
 
@@ -66,8 +66,7 @@ class nnUNetTrainerMeanTeacherQualityGuidedMetaSSL(QualityGuided, MetaSSL, MeanT
 # feature-level and shape plug-ins on Mean Teacher
 class nnUNetTrainerMeanTeacherTransMedSeg(TSA, MeanTeacher): """TransMedSeg: features moved toward the other domain."""
 class nnUNetTrainerMeanTeacherERSR(ERSR, MeanTeacher): """ERSR: scored, ellipse-refined teacher labels (2D)."""
-class nnUNetTrainerMeanTeacherSelfPacedContrastive(SelfPacedContrastive, MeanTeacher):
-    """Self-paced contrastive pre-training by meta-labels, then a regulariser."""
+class nnUNetTrainerMeanTeacherSelfPacedContrastive(SPCL, MeanTeacher): """Meta-label SupCon, self-paced."""
 
 # evidence from two networks of different architectures
 class nnUNetTrainerMEDL(MutualEvidential, TwoNetworks): """Mutual evidential learning, PlainConv + ResEnc U-Net."""

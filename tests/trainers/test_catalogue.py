@@ -16,19 +16,25 @@ from nnunet_ssl.trainers.hosts.ad_mt import AlternateDiverseTeachers
 from nnunet_ssl.trainers.hosts.bcp import BidirectionalCopyPaste
 from nnunet_ssl.trainers.hosts.c3s3 import ComplementaryCompetition
 from nnunet_ssl.trainers.hosts.cps import CrossPseudoSupervision
+from nnunet_ssl.trainers.hosts.cross_dimension import CrossDimensionCoTraining
 from nnunet_ssl.trainers.hosts.fixmatch import FixMatch
 from nnunet_ssl.trainers.hosts.m3hl import MutualMaskMixFeatures
 from nnunet_ssl.trainers.hosts.mean_teacher import MeanTeacher
+from nnunet_ssl.trainers.hosts.mlb_seg import MetaLearnedBootstrapping
 from nnunet_ssl.trainers.hosts.two_networks import TwoNetworks
 from nnunet_ssl.trainers.hosts.ua_mt import UncertaintyAwareMeanTeacher
 from nnunet_ssl.trainers.plugins.evidential import MutualEvidential
 from nnunet_ssl.trainers.plugins.metassl import MetaSSL
 from nnunet_ssl.trainers.plugins.quality import QualityGuidance
+from nnunet_ssl.trainers.plugins.self_paced_contrastive import SelfPacedContrastive
+from nnunet_ssl.trainers.plugins.semantic_augmentation import TransferableSemanticAugmentation
+from nnunet_ssl.trainers.plugins.shape_prior import EllipseShapePrior
 
 HOSTS = (MeanTeacher, FixMatch, CrossPseudoSupervision, TwoNetworks, UncertaintyAwareMeanTeacher,
          AlternateDiverseTeachers, BidirectionalCopyPaste, MutualMaskMixFeatures, AdaptiveBidirectionalDisplacement,
-         ConfidenceAwareDisplacement, ComplementaryCompetition)
-PLUGINS = (MetaSSL, QualityGuidance, MutualEvidential)
+         ConfidenceAwareDisplacement, ComplementaryCompetition, MetaLearnedBootstrapping, CrossDimensionCoTraining)
+PLUGINS = (MetaSSL, QualityGuidance, MutualEvidential, TransferableSemanticAugmentation, EllipseShapePrior,
+           SelfPacedContrastive)
 
 
 def test_every_catalogue_line_is_one_line_with_an_empty_body():
@@ -47,9 +53,11 @@ def test_names_read_host_then_plugins():
     expected = {"MeanTeacher": MeanTeacher, "FixMatch": FixMatch, "CPS": CrossPseudoSupervision,
                 "UAMT": UncertaintyAwareMeanTeacher, "ADMT": AlternateDiverseTeachers, "BCP": BidirectionalCopyPaste,
                 "M3HL": MutualMaskMixFeatures, "ABD": AdaptiveBidirectionalDisplacement,
-                "CAD": ConfidenceAwareDisplacement, "C3S3": ComplementaryCompetition}
+                "CAD": ConfidenceAwareDisplacement, "C3S3": ComplementaryCompetition,
+                "MLBSeg": MetaLearnedBootstrapping, "MandN": CrossDimensionCoTraining}
     plugin_names = {"MetaSSL": MetaSSL, "QAR": QualityGuidance, "QW": QualityGuidance,
-                    "QualityGuided": QualityGuidance}
+                    "QualityGuided": QualityGuidance, "TransMedSeg": TransferableSemanticAugmentation,
+                    "ERSR": EllipseShapePrior, "SelfPacedContrastive": SelfPacedContrastive}
     for name in trainers.__all__:
         cls = getattr(trainers, name)
         if not issubclass(cls, nnUNetTrainerSSL):
