@@ -31,6 +31,9 @@ def _prepare(ds: dict, name: str) -> Path:
     write_budget_splits(pp, ids[:2], ids[2:4], ids[4:])
     if "Quality" in name or name.endswith(("QAR", "QW")):
         save_untrained_quality_predictor(pp, ds["root"] / "results")
+    if getattr(getattr(trainers, name), "planar_only", False):
+        # 2d preprocessing of these volumes writes the 3d_fullres arrays (in-plane spacing 1 x 1, no resampling)
+        (pp / "nnUNetPlans_2d").symlink_to(pp / "nnUNetPlans_3d_fullres")
     return pp
 
 
@@ -53,8 +56,9 @@ def test_amp_training_validation_and_resume_on_cuda(name, copy_planned, monkeypa
     monkeypatch.setenv("nnUNet_compile", "f")
     monkeypatch.delenv("nnUNet_ssl_quality_checkpoint", raising=False)
     cls = getattr(trainers, name)
+    configuration = "2d" if getattr(cls, "planar_only", False) else "3d_fullres"
     trainer = make_trainer(cls, copy_planned["root"], copy_planned["dataset"], monkeypatch, epochs=2, iterations=3,
-                           device="cuda")
+                           device="cuda", configuration=configuration)
     assert trainer.grad_scaler is not None  # nnU-Net's AMP is on for CUDA
 
     seen = {"student_dtypes": set(), "unsup_dtypes": set(), "autocast_in_unsup": set()}
@@ -101,7 +105,7 @@ def test_amp_training_validation_and_resume_on_cuda(name, copy_planned, monkeypa
 
     # --c: the scaler, counters and reference models come back on CUDA and training continues
     resumed = make_trainer(cls, copy_planned["root"], copy_planned["dataset"], monkeypatch, epochs=3, iterations=3,
-                           device="cuda", continue_training=True)
+                           device="cuda", continue_training=True, configuration=configuration)
     resumed.initialize()
     resumed.load_checkpoint(str(out / "checkpoint_final.pth"))
     assert resumed.grad_scaler.get_scale() == pytest.approx(final["grad_scaler_state"]["scale"])

@@ -20,7 +20,8 @@ def _free_port() -> int:
 
 #: prefixes of flattened ``ssl_state_dict()`` keys that must be identical on both ranks (reduced across ranks, or
 #: trained under DDP), per trainer
-SHARED_STATE: dict[str, tuple[str, ...]] = {}
+SHARED_STATE: dict[str, tuple[str, ...]] = {"nnUNetTrainerMeanTeacherTransMedSeg": ("semantic_statistics.",),
+                                             "nnUNetTrainerMeanTeacherSelfPacedContrastive": ("spcl_heads.",)}
 
 
 @pytest.mark.parametrize("trainer", ["nnUNetTrainerMeanTeacher", "nnUNetTrainerCPSMetaSSL", "nnUNetTrainerMEDL",

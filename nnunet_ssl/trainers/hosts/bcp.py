@@ -325,7 +325,8 @@ class BidirectionalCopyPaste(MeanTeacher):
             plain_loss = self.loss(out_plain, step.target) if plain else None
             if self.is_ddp and isinstance(output, (list, tuple)) and plain_loss is None:
                 # DDP needs a gradient for every parameter: the coarser deep-supervision heads, unused here, get 0
-                plain_loss = sum(o.sum() for o in output[1:]) * 0.0
+                # (float32 means: a float16 sum over a patch can overflow, and 0 * inf is NaN)
+                plain_loss = sum(o.float().mean() for o in output[1:]) * 0.0
         with self._no_autocast():
             logits = logits.float()
             sup_loss = (region_dice_ce(logits[:n], target[:n], labeled_region[:n])
