@@ -21,7 +21,8 @@ def _free_port() -> int:
 #: prefixes of flattened ``ssl_state_dict()`` keys that must be identical on both ranks (reduced across ranks, or
 #: trained under DDP), per trainer
 SHARED_STATE: dict[str, tuple[str, ...]] = {"nnUNetTrainerMeanTeacherTransMedSeg": ("semantic_statistics.",),
-                                             "nnUNetTrainerMeanTeacherSelfPacedContrastive": ("spcl_heads.",)}
+                                             "nnUNetTrainerMeanTeacherSelfPacedContrastive": ("spcl_heads.",),
+                                             "nnUNetTrainerMandN": ("network2_weights", "optimizer2_state")}
 
 
 @pytest.mark.parametrize("trainer", ["nnUNetTrainerMeanTeacher", "nnUNetTrainerCPSMetaSSL", "nnUNetTrainerMEDL",
@@ -76,5 +77,6 @@ def test_ssl_trainer_under_ddp_with_two_gloo_ranks(trainer, copy_planned, tmp_pa
     out = copy_planned["root"] / "results" / copy_planned["dataset"] / \
         f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
     two_networks = any(name in trainer for name in ("CPS", "MEDL", "C3S3", "ABD", "CAD"))
-    extra = "checkpoint_final_net2.pth" if two_networks else "checkpoint_final_teacher.pth"
+    extra = "checkpoint_final_net2.pth" if two_networks else \
+        "network_2d_final.pth" if "MandN" in trainer else "checkpoint_final_teacher.pth"
     assert (out / "checkpoint_final.pth").is_file() and (out / extra).is_file()
