@@ -117,7 +117,9 @@ def test_amp_training_validation_and_resume_on_cuda(name, copy_planned, monkeypa
     assert resumed.ssl_step == 9 and resumed.current_epoch == 3
 
 
-@pytest.mark.parametrize("name", ["nnUNetTrainerMeanTeacher", "nnUNetTrainerCPS", "nnUNetTrainerMEDL"])
+# + forward hooks on the compiled student (TransMedSeg) and torch.func on the module behind it (MLB-Seg)
+@pytest.mark.parametrize("name", ["nnUNetTrainerMeanTeacher", "nnUNetTrainerCPS", "nnUNetTrainerMEDL",
+                                  "nnUNetTrainerMeanTeacherTransMedSeg", "nnUNetTrainerMLBSeg"])
 def test_compiled_training_on_cuda(name, copy_planned, monkeypatch):
     _prepare(copy_planned, name)
     monkeypatch.setenv("nnUNet_compile", "t")

@@ -22,7 +22,8 @@ def _free_port() -> int:
 #: trained under DDP), per trainer
 SHARED_STATE: dict[str, tuple[str, ...]] = {"nnUNetTrainerMeanTeacherTransMedSeg": ("semantic_statistics.",),
                                              "nnUNetTrainerMeanTeacherSelfPacedContrastive": ("spcl_heads.",),
-                                             "nnUNetTrainerMandN": ("network2_weights", "optimizer2_state")}
+                                             "nnUNetTrainerMandN": ("network2_weights", "optimizer2_state"),
+                                             "nnUNetTrainerMLBSeg": ("teacher_weights", "initial_weights")}
 
 
 @pytest.mark.parametrize("trainer", ["nnUNetTrainerMeanTeacher", "nnUNetTrainerCPSMetaSSL", "nnUNetTrainerMEDL",
