@@ -21,7 +21,6 @@ checks them against the installed nnU-Net.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 
@@ -32,6 +31,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from nnunet_ssl.errors import SSLInputError
+from nnunet_ssl.utils.files import file_sha256
 
 #: an nnU-Net checkpoint (or a weights file for a torchvision/timm architecture) for the 2D network
 ENV_WEIGHTS_2D = "nnUNet_ssl_2d_weights"
@@ -101,12 +101,6 @@ def find_2d_checkpoint(results: str | None, dataset_name: str, plans_name: str, 
     return None
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read(path: str, what: str) -> object:

@@ -12,14 +12,7 @@ import numpy as np
 
 from nnunet_ssl.data.layout import RAW_UNLABELED_SUBFOLDER, SPLITS_UNLABELED_KEY
 from nnunet_ssl.errors import SSLInputError
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from nnunet_ssl.utils.files import file_sha256
 
 
 def _image_files(folder: str, file_ending: str) -> list[str]:
@@ -45,10 +38,10 @@ def identical_files(test_files: Sequence[str], other_files: Iterable[str]) -> li
         candidates = sizes.get(os.path.getsize(other))
         if not candidates:
             continue
-        digest = _sha256(other)
+        digest = file_sha256(other)
         for t in candidates:
             if t not in test_hash:
-                test_hash[t] = _sha256(t)
+                test_hash[t] = file_sha256(t)
             if test_hash[t] == digest and os.path.realpath(t) != os.path.realpath(other):
                 pairs.append((t, other))
     return pairs

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import ClassVar
@@ -18,17 +17,12 @@ from nnunet_ssl.parts.ramps import linear_rampup
 from nnunet_ssl.quality.predictor import load_quality_predictor, quality_checkpoint_path
 from nnunet_ssl.trainers.logs import GATE_MINIMUM, NEGLIGIBLE_SHARE
 from nnunet_ssl.trainers.step import SSLStep
+from nnunet_ssl.utils.files import file_sha256
 
 #: path of a quality predictor checkpoint to use instead of the one derived from dataset, plans, configuration, fold
 ENV_QUALITY_CHECKPOINT = "nnUNet_ssl_quality_checkpoint"
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class QualityGuidance:

@@ -14,13 +14,12 @@ from helpers import (
     budget_split,
     budgeted_trainer,
     make_trainer,
+    predict_in_process,
     random_batch,
     record_unsupervised_calls,
     state_copy,
 )
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-from nnunet_ssl import ext_trainer_path
 from nnunet_ssl.compat.trainer import unwrap
 from nnunet_ssl.errors import SSLInputError
 from nnunet_ssl.losses import contrastive
@@ -203,14 +202,7 @@ def test_short_training_resumes_and_predicts_with_network_2(copy_planned, monkey
     assert (out / "progress_ssl.png").is_file()
     # nnUNetv2_predict -chk checkpoint_final_net2.pth, in-process (the CLI's start-up alone takes 25 s on 2 cores):
     # the predictor resolves the checkpoint's trainer_name among the catalogue's trainers to build network 2
-    monkeypatch.setenv("nnUNet_extTrainer", ext_trainer_path())
-    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(out.parent), (0,), checkpoint_name="checkpoint_final_net2.pth")
+    predictor = predict_in_process(copy_planned, out, "checkpoint_final_net2.pth", monkeypatch)
     assert type(predictor.network).__name__ == "ResidualEncoderUNet"
     for k, v in predictor.network.state_dict().items():
         assert torch.equal(v.cpu(), saved["network_weights"][k]), k
-    images = copy_planned["root"] / "raw" / copy_planned["dataset"] / "imagesTs"
-    target = copy_planned["root"] / "pred_net2"
-    target.mkdir()
-    predictor.predict_from_files_sequential(str(images), str(target))
-    assert len(list(target.glob("*.nii.gz"))) == len(list(images.glob("*_0000.nii.gz"))) > 0

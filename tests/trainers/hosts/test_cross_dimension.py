@@ -11,13 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import budget_split, budgeted_trainer, make_trainer, random_batch, state_copy
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from helpers import budget_split, budgeted_trainer, make_trainer, predict_in_process, random_batch, state_copy
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
-from nnunet_ssl import ext_trainer_path
 from nnunet_ssl.compat.networks_2d import SliceWise, build_library_network
 from nnunet_ssl.compat.trainer import unwrap
 from nnunet_ssl.errors import SSLInputError
@@ -318,17 +316,10 @@ def test_short_training_resumes_and_predicts_with_both_networks(copy_planned, mo
     assert not (out / "checkpoint_final_net2.pth").exists()
     saved = torch.load(out / NETWORK_2D_FINAL, map_location="cpu", weights_only=False)
     assert saved["init_args"]["configuration"] == "2d" and saved["trainer_name"] == "nnUNetTrainer"
-    images = copy_planned["root"] / "raw" / copy_planned["dataset"] / "imagesTs"
-    monkeypatch.setenv("nnUNet_extTrainer", ext_trainer_path())  # nnUNetv2_predict finds our trainers there
-    for checkpoint, expected in (("checkpoint_final.pth", "PlainConvUNet"), (NETWORK_2D_FINAL, "PlainConvUNet")):
-        predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
-        predictor.initialize_from_trained_model_folder(str(out.parent), (0,), checkpoint_name=checkpoint)
-        assert type(predictor.network).__name__ == expected
+    for checkpoint in ("checkpoint_final.pth", NETWORK_2D_FINAL):
+        predictor = predict_in_process(copy_planned, out, checkpoint, monkeypatch)
+        assert type(predictor.network).__name__ == "PlainConvUNet"
         assert len(predictor.configuration_manager.patch_size) == (2 if checkpoint == NETWORK_2D_FINAL else 3)
         if checkpoint == NETWORK_2D_FINAL:
             for k, v in predictor.network.state_dict().items():
                 assert torch.equal(v.cpu(), saved["network_weights"][k]), k
-        target = copy_planned["root"] / f"pred_{checkpoint}"
-        target.mkdir()
-        predictor.predict_from_files_sequential(str(images), str(target))
-        assert len(list(target.glob("*.nii.gz"))) == len(list(images.glob("*_0000.nii.gz"))) > 0

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import budget_split, budgeted_trainer, make_trainer, random_batch, state_copy
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from helpers import budget_split, budgeted_trainer, make_trainer, predict_in_process, random_batch, state_copy
 from torch.func import functional_call
 
-from nnunet_ssl import ext_trainer_path
 from nnunet_ssl.compat.trainer import unwrap
 from nnunet_ssl.errors import SSLInputError
 from nnunet_ssl.losses.consistency import mse_consistency
@@ -305,12 +303,4 @@ def test_short_training_resumes_and_predicts(copy_planned, monkeypatch):
     for k, v in resumed.teacher.state_dict().items():
         assert torch.equal(saved["network_weights"][k], v.cpu()), k
     # nnUNetv2_predict -chk checkpoint_final_teacher.pth, in-process (the CLI's start-up alone takes 25 s)
-    monkeypatch.setenv("nnUNet_extTrainer", ext_trainer_path())
-    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(out.parent), (0,),
-                                                   checkpoint_name="checkpoint_final_teacher.pth")
-    images = copy_planned["root"] / "raw" / copy_planned["dataset"] / "imagesTs"
-    target = copy_planned["root"] / "pred_teacher"
-    target.mkdir()
-    predictor.predict_from_files_sequential(str(images), str(target))
-    assert len(list(target.glob("*.nii.gz"))) == len(list(images.glob("*_0000.nii.gz"))) > 0
+    predict_in_process(copy_planned, out, "checkpoint_final_teacher.pth", monkeypatch)

@@ -24,8 +24,9 @@ from nnunet_ssl.trainers import (
     nnUNetTrainerMeanTeacherQW,
 )
 from nnunet_ssl.trainers.base import ENV_PRESET, paper_settings_of
-from nnunet_ssl.trainers.plugins.quality import ENV_QUALITY_CHECKPOINT, QualityGuidance, file_sha256
+from nnunet_ssl.trainers.plugins.quality import ENV_QUALITY_CHECKPOINT, QualityGuidance
 from nnunet_ssl.trainers.step import SSLStep
+from nnunet_ssl.utils.files import file_sha256
 
 
 @pytest.fixture(autouse=True)

@@ -17,12 +17,10 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
-from helpers import budget_split, budgeted_trainer, make_trainer, random_batch, state_copy
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from helpers import budget_split, budgeted_trainer, make_trainer, predict_in_process, random_batch, state_copy
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from torch import distributed as dist
 
-from nnunet_ssl import ext_trainer_path
 from nnunet_ssl.compat.loader_boxes import BoxRecordingDataLoader, loader_of, record_boxes
 from nnunet_ssl.compat.trainer import feature_taps, stop_augmenter, unwrap
 from nnunet_ssl.errors import SSLInputError
@@ -249,16 +247,9 @@ def test_short_training_resumes_and_predicts(copy_planned, monkeypatch):
     saved = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert saved["ssl_state"]["spcl_heads"].keys() == unwrap(resumed.spcl_heads).state_dict().keys()
     # nnUNetv2_predict with the final checkpoint, in-process: the student alone, without the heads
-    monkeypatch.setenv("nnUNet_extTrainer", ext_trainer_path())
-    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(out.parent), (0,), checkpoint_name="checkpoint_final.pth")
+    predictor = predict_in_process(copy_planned, out, "checkpoint_final.pth", monkeypatch)
     for k, v in unwrap(resumed.network).state_dict().items():
         assert torch.equal(predictor.network.state_dict()[k].cpu(), v.cpu()), k
-    images = copy_planned["root"] / "raw" / copy_planned["dataset"] / "imagesTs"
-    target = copy_planned["root"] / "pred_spcl"
-    target.mkdir()
-    predictor.predict_from_files_sequential(str(images), str(target))
-    assert len(list(target.glob("*.nii.gz"))) == len(list(images.glob("*_0000.nii.gz"))) > 0
 
 
 def _global_rows() -> tuple[torch.Tensor, torch.Tensor, list[slice]]:

@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import budget_split, budgeted_trainer, make_trainer, random_batch
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from helpers import budget_split, budgeted_trainer, make_trainer, predict_in_process, random_batch
 
-from nnunet_ssl import ext_trainer_path
 from nnunet_ssl.compat.trainer import feature_taps, unwrap
 from nnunet_ssl.errors import SSLInputError
 from nnunet_ssl.losses.semantic_augmentation import (
@@ -218,12 +216,5 @@ def test_short_training_resumes_the_statistics_and_predicts(copy_planned, monkey
     final = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert torch.equal(final["ssl_state"]["semantic_statistics"]["labeled"]["count"], counts.cpu())
     # nnUNetv2_predict with the student's and the teacher's final checkpoints, in-process
-    monkeypatch.setenv("nnUNet_extTrainer", ext_trainer_path())
-    images = copy_planned["root"] / "raw" / copy_planned["dataset"] / "imagesTs"
     for checkpoint in ("checkpoint_final.pth", "checkpoint_final_teacher.pth"):
-        predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
-        predictor.initialize_from_trained_model_folder(str(out.parent), (0,), checkpoint_name=checkpoint)
-        target = copy_planned["root"] / f"pred_{checkpoint.removesuffix('.pth')}"
-        target.mkdir()
-        predictor.predict_from_files_sequential(str(images), str(target))
-        assert len(list(target.glob("*.nii.gz"))) == len(list(images.glob("*_0000.nii.gz"))) > 0
+        predict_in_process(copy_planned, out, checkpoint, monkeypatch)

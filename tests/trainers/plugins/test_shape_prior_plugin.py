@@ -12,10 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import budget_split, budgeted_trainer, make_trainer, random_batch
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from helpers import budget_split, budgeted_trainer, make_trainer, predict_in_process, random_batch
 
-from nnunet_ssl import ext_trainer_path
 from nnunet_ssl.compat.trainer import unwrap
 from nnunet_ssl.errors import SSLInputError
 from nnunet_ssl.losses.consistency import mse_consistency
@@ -248,15 +246,8 @@ def test_short_2d_training_resumes_and_predicts(planar, monkeypatch):
     text = Path(resumed.log_file).read_text()
     assert "ERSR shape prior on class(es) 1 (part1), 2 (part2)" in text and "ersr: kept 1 (part1) " in text
     assert (out / "progress_ssl.png").is_file() and (out / "checkpoint_final_teacher.pth").is_file()
-    # nnUNetv2_predict in-process (the CLI's start-up alone takes 25 s on 2 cores), student and teacher: the 2d
-    # configuration predicts each volume slice by slice
-    monkeypatch.setenv("nnUNet_extTrainer", ext_trainer_path())
-    images = planar["root"] / "raw" / planar["dataset"] / "imagesTs"
+    # nnUNetv2_predict, student and teacher: the 2d configuration predicts each volume slice by slice
     for checkpoint in ("checkpoint_final.pth", "checkpoint_final_teacher.pth"):
-        predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
-        predictor.initialize_from_trained_model_folder(str(out.parent), (0,), checkpoint_name=checkpoint)
-        target = planar["root"] / f"pred_{checkpoint.removesuffix('.pth')}"
-        target.mkdir()
-        predictor.predict_from_files_sequential(str(images), str(target))
-        predicted = sorted(target.glob("*.nii.gz"))
-        assert len(predicted) == len(list(images.glob("*_0000.nii.gz"))) == 2
+        predictor = predict_in_process(planar, out, checkpoint, monkeypatch)
+        assert len(predictor.configuration_manager.patch_size) == 2
+        assert len(list((planar["root"] / f"pred_{checkpoint.removesuffix('.pth')}").glob("*.nii.gz"))) == 2
