@@ -218,6 +218,9 @@ class ComplementaryCompetition(TwoNetworks):
         self.taps = [FeatureTaps(self.network), FeatureTaps(self.network2)]
         self.projectors: list[nn.Module] = []
         self._trainable: list[tuple[nn.Module, torch.optim.Optimizer]] = []
+        if not self.uses_contrastive:  # no projectors: under DDP an unused parameter would be an error
+            self._trainable = list(super().trainable())
+            return
         for network, optimizer in super().trainable():
             projector = VoxelProjector(self.feature_channels(), int(self.projector_dim)).to(self.device)
             optimizer.add_param_group({"params": list(projector.parameters())})

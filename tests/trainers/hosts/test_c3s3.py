@@ -176,6 +176,11 @@ def test_presets_settings_and_a_2d_step(copy_planned, monkeypatch):
     sup, unsup, stats = planar.forward_losses(step)
     assert math.isfinite(float(sup.detach())) and math.isfinite(float(unsup.detach()))
     assert stats["odcl_loss"] > 0 and stats["cosine_loss"] > 0 and stats["net1_won"] in (0.0, 1.0)
+    # without the contrastive term no projector exists (under DDP an unused parameter is an error)
+    monkeypatch.setenv("nnUNet_ssl_settings", "contrastive_weight=0")
+    plain = budgeted_trainer(ComplementaryCompetition, copy_planned, monkeypatch, configuration="2d")
+    assert plain.projectors == [] and [len(o.param_groups) for _, o in plain.trainable()] == [1, 1]
+    assert "odcl_loss" not in plain.forward_losses(SSLStep(data=data, target=target, views=views, lam=1.0))[2]
 
 
 def test_short_training_resumes_and_predicts_with_network_2(copy_planned, monkeypatch):
