@@ -55,6 +55,8 @@ def _features(network, images):
 
 
 def test_step_mixes_with_per_sample_masks_and_adds_the_feature_terms(copy_planned, monkeypatch):
+    # the mixed images' loss by hand; BCP's tests cover the plain labeled batch (plain_supervision)
+    monkeypatch.setenv("nnUNet_ssl_settings", "plain_supervision=False")
     trainer = budgeted_trainer(MutualMaskMixFeatures, copy_planned, monkeypatch)
     assert trainer.pretrain_iterations == 0 and not trainer.in_pretraining() and trainer.current_lambda() == 0.5
     keep = _hand_masks(2)
@@ -192,6 +194,7 @@ def test_presets_settings_and_compute_units(copy_planned, monkeypatch):
         assert trainer.pretrain_fraction == 0.0 and trainer.ema_max_decay == 0.99 and trainer.keep_largest_component
         assert trainer.mask_grid == 4 and trainer.mask_ratio == 0.5 and trainer.feature_weight == 0.5
     assert default.feature_pairs == "shared" and paper.feature_pairs == "all"
+    assert default.plain_supervision and not paper.plain_supervision
     for name, value in paper_settings_of(MutualMaskMixFeatures).items():
         assert getattr(paper, name) == value, name
     assert paper_settings_of(M3HLMetaSSL)["unsupervised_weight"] == 0.1  # MetaSSL's schedule wins
@@ -201,9 +204,12 @@ def test_presets_settings_and_compute_units(copy_planned, monkeypatch):
         monkeypatch.setenv("nnUNet_ssl_settings", bad)
         with pytest.raises(SSLInputError, match=name):
             make_trainer(MutualMaskMixFeatures, copy_planned["root"], copy_planned["dataset"], monkeypatch)
-    # two mixed images (6) + the teacher on U (2); MetaSSL: + the teacher on L (2); batches of 4: n = 2
-    assert MutualMaskMixFeatures.compute_units(2, 2) == 8.0 and M3HLMetaSSL.compute_units(2, 2) == 10.0
-    assert MutualMaskMixFeatures.compute_units(4, 4) == 16.0
+    # two mixed images (6) + the teacher on U (2) + the plain labeled batch (6); MetaSSL: + the teacher on L (2);
+    # batches of 4: n = 2
+    assert MutualMaskMixFeatures.compute_units(2, 2) == 14.0 and M3HLMetaSSL.compute_units(2, 2) == 16.0
+    assert MutualMaskMixFeatures.compute_units(4, 4) == 28.0
+    monkeypatch.setattr(MutualMaskMixFeatures, "plain_supervision", False)
+    assert MutualMaskMixFeatures.compute_units(2, 2) == 8.0
 
 
 def test_short_training_writes_the_teacher_and_logs_the_feature_terms(copy_planned, monkeypatch):
