@@ -169,6 +169,7 @@ class nnUNetTrainerSSL(UnlabeledData, ReferenceCalibration, SSLLogs, AtomicCheck
         self.loss_balance = LossBalance(initial_weight=self.unsupervised_weight)
         self._nonfinite_steps = 0  # all skipped steps, and those in a row (AMP), for check_finite
         self._nonfinite_in_a_row = 0
+        self._nonfinite_last_step = -1  # a step of several turns (M&N) counts once
         self.partially_labeled_ids: list[str] = []
         self.dataloader_unlabeled = None
         self.unlabeled_batch_size_per_rank: int | None = None
@@ -418,12 +419,17 @@ class nnUNetTrainerSSL(UnlabeledData, ReferenceCalibration, SSLLogs, AtomicCheck
         """Whether this step's gradients are finite. A non-finite step is skipped (no optimizer step, no EMA
         update) while ``nnUNet_ssl_skip_nonfinite`` allows it (default 0; with CUDA AMP the GradScaler skips such
         steps itself and only 100 in a row stop the run); otherwise the run stops with one line naming the step,
-        the loss terms and the last good checkpoint, before NaN reaches the weights or any checkpoint."""
+        the loss terms and the last good checkpoint, before NaN reaches the weights or any checkpoint. Hosts that
+        step their networks in turns call it once per turn; a training step counts once however many of its turns
+        fail, so the limits are in steps for every host."""
         if all(bool(torch.isfinite(n)) for n in norms):
-            self._nonfinite_in_a_row = 0
+            if self._nonfinite_last_step != self.ssl_step:
+                self._nonfinite_in_a_row = 0
             return True
-        self._nonfinite_steps += 1
-        self._nonfinite_in_a_row += 1
+        if self._nonfinite_last_step != self.ssl_step:
+            self._nonfinite_last_step = self.ssl_step
+            self._nonfinite_steps += 1
+            self._nonfinite_in_a_row += 1
         allowed = env_int(ENV_SKIP_NONFINITE, 0) or 0
         amp = self.grad_scaler is not None
         if (self._nonfinite_in_a_row <= max(allowed, 99)) if amp else (self._nonfinite_steps <= allowed):

@@ -158,3 +158,27 @@ def test_a_non_finite_step_stops_the_run_before_the_weights_change(copy_planned,
     finally:
         trainer.dataloader_unlabeled = loader
         trainer.on_train_end()
+
+
+def test_a_step_of_two_turns_counts_once_against_the_non_finite_limit(tmp_path, monkeypatch):
+    """M&N steps its two networks in turns and checks each: with nnUNet_ssl_skip_nonfinite=1, a step whose two turns
+    both fail is one skipped step (counting turns would stop the run at its second turn); the next failing step
+    stops it."""
+    from types import SimpleNamespace
+
+    from nnunet_ssl.trainers.base import nnUNetTrainerSSL
+
+    monkeypatch.setenv("nnUNet_ssl_skip_nonfinite", "1")
+    host = SimpleNamespace(ssl_step=0, _nonfinite_steps=0, _nonfinite_in_a_row=0, _nonfinite_last_step=-1,
+                           grad_scaler=None, print_to_log_file=lambda *a, **k: None, output_folder=str(tmp_path),
+                           current_epoch=0)
+    step = SimpleNamespace(constant_losses=[], scheduled_losses=[])
+    nan, one, zero = torch.tensor(float("nan")), torch.tensor(1.0), torch.tensor(0.0)
+    check = nnUNetTrainerSSL.check_finite
+    assert not check(host, [nan], step, one, zero)
+    assert not check(host, [nan], step, one, zero)  # the same step's second turn
+    assert host._nonfinite_steps == 1
+    host.ssl_step = 1
+    assert check(host, [one], step, one, zero)
+    with pytest.raises(SSLInputError, match=r"at step 1 "):
+        check(host, [nan], step, one, zero)
