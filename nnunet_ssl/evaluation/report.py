@@ -6,7 +6,9 @@ one-sided empty cases are NaN under the evaluation's convention). For the paired
 baseline at one budget, each test case's difference is averaged over the seeds both have finished, so each case
 counts once: n = number of test cases. The test is the two-sided Wilcoxon signed-rank test on those differences;
 the 95 % interval of the mean difference is a percentile bootstrap over cases (10,000 resamples, seed 0). Each
-seed's own differences get the same test as well (``wilcoxon_p_per_seed``).
+seed's own differences get the same test as well (``wilcoxon_p_per_seed``). With several foreground classes the
+report adds each class's Dice and the same pairing per class (a small structure's gain hides in the mean), each
+against the training-noise control's floor on that class.
 
 A composite trainer (a host with a loss or weighting added, e.g. FixMatch + MetaSSL) is also paired the same way
 against its host, the nearest class it inherits from that is in the matrix, so the report shows what the loss adds
@@ -48,8 +50,12 @@ def _float(x: str) -> float:
         return math.nan
 
 
+CLASS_DICE = "dice:"  # prefix of the per-class Dice keys in case_scores
+
+
 def case_scores(per_case_csv: Path) -> dict[str, dict[str, float]]:
-    """case -> {'dice', 'hd95', 'nsd'} averaged over foreground classes (NaN-aware) from ``per_case.csv``."""
+    """case -> {'dice', 'hd95', 'nsd'} averaged over foreground classes (NaN-aware) from ``per_case.csv``, plus
+    ``'dice:<class name>'`` per class."""
     by_case: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     with open(per_case_csv, newline="") as f:
         for row in csv.DictReader(f):
@@ -57,6 +63,7 @@ def case_scores(per_case_csv: Path) -> dict[str, dict[str, float]]:
                 for metric in ("dice", "hd95", "nsd"):
                     if key == metric or key.startswith(metric + "_"):
                         by_case[row["case"]][metric].append(_float(value))
+            by_case[row["case"]][CLASS_DICE + (row.get("class_name") or row["class_id"])].append(_float(row["dice"]))
     out = {}
     for case, metrics in by_case.items():
         out[case] = {}
@@ -98,21 +105,35 @@ def collect(out: Path) -> tuple[BenchmarkSettings, dict[tuple[str, str, int], di
     return s, scores
 
 
-def paired(scores, trainer: str, budget: str, reference: str = BASELINE) -> dict | None:
-    """Per-case Dice of ``trainer`` minus ``reference`` at one budget, over the seeds both finished."""
+def class_names(scores) -> list[str]:
+    """The foreground classes of the per-case scores, in the order of ``per_case.csv``."""
+    names: dict[str, None] = {}
+    for cases in scores.values():
+        for metrics in cases.values():
+            names.update((k[len(CLASS_DICE):], None) for k in metrics if k.startswith(CLASS_DICE))
+    return list(names)
+
+
+def paired(scores, trainer: str, budget: str, reference: str = BASELINE, metric: str = "dice") -> dict | None:
+    """Per-case ``metric`` (Dice, or one class's ``dice:<class>``) of ``trainer`` minus ``reference`` at one
+    budget, over the seeds both finished."""
     seeds = sorted({k[2] for k in scores if k[0] == trainer and k[1] == budget}
                    & {k[2] for k in scores if k[0] == reference and k[1] == budget})
     if not seeds:
         return None
     cases = sorted(set.intersection(*[set(scores[(trainer, budget, sd)]) & set(scores[(reference, budget, sd)])
                                       for sd in seeds]))
-    per_seed = np.array([[scores[(trainer, budget, sd)][c]["dice"] - scores[(reference, budget, sd)][c]["dice"]
+    # a class absent from a case's label and both predictions has no Dice there
+    cases = [c for c in cases if all(not math.isnan(scores[(t, budget, sd)][c].get(metric, math.nan))
+                                     for t in (trainer, reference) for sd in seeds)]
+    per_seed = np.array([[scores[(trainer, budget, sd)][c][metric] - scores[(reference, budget, sd)][c][metric]
                           for c in cases] for sd in seeds]).reshape(len(seeds), len(cases))
     diffs = per_seed.mean(0)
     low, high = bootstrap_ci(diffs)
     # the seeds' own mean differences show whether the sign holds across draws of the labeled cases
     seed_means = [float(np.nanmean(row)) if len(row) else math.nan for row in per_seed]
-    return {"trainer": trainer, "reference": reference, "budget": budget, "seeds": seeds, "n_cases": len(cases),
+    return {"trainer": trainer, "reference": reference, "budget": budget, "metric": metric, "seeds": seeds,
+            "n_cases": len(cases),
             "mean_diff": float(diffs.mean()) if len(diffs) else math.nan, "mean_diff_per_seed": seed_means,
             "wilcoxon_p_per_seed": [wilcoxon_p(row) for row in per_seed],
             "ci_low": low, "ci_high": high,
@@ -148,10 +169,10 @@ def add_noise_floor(pairs: list[dict]) -> None:
     """Adds ``noise_floor`` (the training-noise control's largest |mean difference per seed| at the pair's budget,
     NaN without a control) and ``beyond_noise`` (|mean difference| above it) to every pair. The floor measures two
     trainings that differ only in their seed, so it applies to a composite against its host as well."""
-    floors = {p["budget"]: max(abs(d) for d in p["mean_diff_per_seed"]) for p in pairs
+    floors = {(p["budget"], p["metric"]): max(abs(d) for d in p["mean_diff_per_seed"]) for p in pairs
               if p["trainer"] == RESEEDED and p["reference"] == BASELINE}
     for p in pairs:
-        floor = floors.get(p["budget"], math.nan) if p["trainer"] != RESEEDED else math.nan
+        floor = floors.get((p["budget"], p["metric"]), math.nan) if p["trainer"] != RESEEDED else math.nan
         p["noise_floor"] = floor
         p["beyond_noise"] = bool(abs(p["mean_diff"]) > floor) if not math.isnan(floor) else None
 
@@ -167,12 +188,16 @@ def write_report(out: Path) -> Path:
     s, scores = collect(out)
     budgets = [str(b) for b in s.budgets] + ([FULL] if s.full else [])
     trainers = [BASELINE] + [t for t in s.trainers if t != BASELINE]
-    per_run = {k: {m: _nanmean(v[m] for v in cases.values()) for m in ("dice", "hd95", "nsd")}
+    classes = class_names(scores)
+    metrics = ["dice", "hd95", "nsd"] + [CLASS_DICE + c for c in classes]
+    per_run = {k: {m: _nanmean(v.get(m, math.nan) for v in cases.values()) for m in metrics}
                for k, cases in scores.items()}
-    rows = [{"trainer": t, "budget": b, "seed": sd, "n_cases": len(scores[(t, b, sd)]), **per_run[(t, b, sd)]}
+    rows = [{"trainer": t, "budget": b, "seed": sd, "n_cases": len(scores[(t, b, sd)]),
+             **{m.replace(CLASS_DICE, "dice_"): v for m, v in per_run[(t, b, sd)].items()}}
             for (t, b, sd) in sorted(per_run, key=lambda k: (trainers.index(k[0]) if k[0] in trainers else 99,
                                                             budgets.index(k[1]) if k[1] in budgets else 99, k[2]))]
-    _write_csv(out / "results.csv", rows, ["trainer", "budget", "seed", "n_cases", "dice", "hd95", "nsd"])
+    _write_csv(out / "results.csv", rows, ["trainer", "budget", "seed", "n_cases", "dice", "hd95", "nsd"]
+               + [f"dice_{c}" for c in classes])
 
     def cell(t: str, b: str, metric: str) -> str:
         values = [per_run[k][metric] for k in per_run if k[0] == t and k[1] == b]
@@ -197,12 +222,23 @@ def write_report(out: Path) -> Path:
         for t in trainers:
             lines.append(f"| {t} | " + " | ".join(cell(t, b, metric) for b in budgets) + " |")
         lines.append("")
+    per_class = len(classes) > 1
+    if per_class:
+        lines += ["## Test Dice per class", "", "| trainer | " + " | ".join(f"{h} · {c}" for h in head[1:]
+                                                                            for c in classes) + " |",
+                  "|---" * (1 + len(classes) * len(budgets)) + "|"]
+        for t in trainers:
+            lines.append(f"| {t} | " + " | ".join(cell(t, b, CLASS_DICE + c) for b in budgets for c in classes)
+                         + " |")
+        lines.append("")
     pairs = [p for b in budgets if b != FULL for t in trainers if t != BASELINE
              if (p := paired(scores, t, b)) is not None]
+    class_pairs = [p for b in budgets if b != FULL for c in (classes if per_class else []) for t in trainers
+                   if t != BASELINE if (p := paired(scores, t, b, metric=CLASS_DICE + c)) is not None]
     hosts = {t: h for t in trainers if (h := host_of(t, trainers)) is not None}
     host_pairs = [p for b in budgets if b != FULL for t, h in hosts.items()
                   if (p := paired(scores, t, b, reference=h)) is not None]
-    add_noise_floor(pairs + host_pairs)
+    add_noise_floor(pairs + host_pairs + class_pairs)
     lines += ["## Paired per-case difference to the supervised baseline (test Dice)", "",
               "Per test case, trainer minus baseline, averaged over the seeds both finished; two-sided Wilcoxon "
               "signed-rank test over cases; 95 % bootstrap interval of the mean difference. With several seeds, "
@@ -221,6 +257,11 @@ def write_report(out: Path) -> Path:
                   f"1/3 and 2/3 of training labels every unlabeled case; the baseline trainer is trained again on "
                   f"labeled + pseudo-labeled cases with the same schedule ({r} round{'s' if r > 1 else ''}). Its "
                   f"training compute is {1 + r}× the baseline's, plus one prediction of the pool per round."]
+    if class_pairs:
+        lines += ["", "## Paired per-case difference to the supervised baseline, per class (test Dice)", "",
+                  "The same pairing on one class's Dice; cases where the class is in neither the label nor the "
+                  "predictions are left out. The training-noise floor is the control's on the same class.", ""]
+        lines += _pair_table(class_pairs, "trainer", "", show_class=True)
     if hosts:
         lines += ["", "## Paired per-case difference of each composite to its host (test Dice)", "",
                   "A composite adds a loss or weighting to a host trainer; here it is paired with that host (the "
@@ -230,9 +271,10 @@ def write_report(out: Path) -> Path:
     _write_csv(out / "paired.csv", [{**p, "seeds": " ".join(map(str, p["seeds"])),
                                      "mean_diff_per_seed": " ".join(f"{d:.6f}" for d in p["mean_diff_per_seed"]),
                                      "wilcoxon_p_per_seed": " ".join(f"{q:.6g}" for q in p["wilcoxon_p_per_seed"])}
-                                    for p in pairs + host_pairs],
-               ["trainer", "reference", "budget", "seeds", "n_cases", "mean_diff", "mean_diff_per_seed", "ci_low",
-                "ci_high", "better", "worse", "wilcoxon_p", "wilcoxon_p_per_seed", "noise_floor", "beyond_noise"])
+                                    for p in pairs + host_pairs + class_pairs],
+               ["trainer", "reference", "budget", "metric", "seeds", "n_cases", "mean_diff", "mean_diff_per_seed",
+                "ci_low", "ci_high", "better", "worse", "wilcoxon_p", "wilcoxon_p_per_seed", "noise_floor",
+                "beyond_noise"])
     lines += ["", "## Where the runs were made", "",
               "Training stages (a resumed training has several) by machine and software; numbers of the same run "
               "differ slightly between machines.", "", "| device | torch | nnunetv2 | runs |", "|---|---|---|---|"]
@@ -246,9 +288,10 @@ def write_report(out: Path) -> Path:
     return report
 
 
-def _pair_table(pairs: list[dict], first: str, empty: str) -> list[str]:
-    lines = [f"| {first} | budget | seeds | cases | mean Δ Dice | Δ per seed | 95 % CI | better / worse | "
-             "Wilcoxon p | training noise |", "|---|---|---|---|---|---|---|---|---|---|"]
+def _pair_table(pairs: list[dict], first: str, empty: str, show_class: bool = False) -> list[str]:
+    lines = [f"| {first} | budget | " + ("class | " if show_class else "") + "seeds | cases | mean Δ Dice | "
+             "Δ per seed | 95 % CI | better / worse | Wilcoxon p | training noise |",
+             "|---" * (10 + show_class) + "|"]
     for p in pairs:
         # a seed's own p only when the pooled one is over several seeds
         per_seed = ", ".join(f"s{sd} {d:+.4f}" + (f" (p {q:.2g})" if len(p["seeds"]) > 1 else "")
@@ -256,11 +299,12 @@ def _pair_table(pairs: list[dict], first: str, empty: str) -> list[str]:
         noise = "–" if math.isnan(p["noise_floor"]) else \
             f"{p['noise_floor']:.4f}: {'beyond' if p['beyond_noise'] else 'within'}"
         name = p["trainer"] if p["reference"] == BASELINE else f"{p['trainer']} − {p['reference']}"
-        lines.append(f"| {name} | {p['budget']} | {len(p['seeds'])} | {p['n_cases']} | "
+        klass = f"{p['metric'][len(CLASS_DICE):]} | " if show_class else ""
+        lines.append(f"| {name} | {p['budget']} | {klass}{len(p['seeds'])} | {p['n_cases']} | "
                      f"{p['mean_diff']:+.4f} | {per_seed} | [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}] | "
                      f"{p['better']} / {p['worse']} | {p['wilcoxon_p']:.3g} | {noise} |")
     if not pairs:
-        lines.append(f"| {empty} | | | | | | | | | |")
+        lines.append(f"| {empty or '(none yet)'} |" + " |" * (9 + show_class))
     return lines
 
 

@@ -178,9 +178,13 @@ def test_report_pairs_cases_over_seeds_against_the_baseline(tmp_path):
 
     # case means: base c1 .7 c2 .5 c3 .8; mt seed0 .8 .5 .7; seed1 .9 .6 .8 -> per-case diffs averaged over seeds:
     # c1 (.1+.2)/2=.15, c2 (0+.1)/2=.05, c3 (-.1+0)/2=-.05
-    rows = list(csv.DictReader(open(out / "paired.csv")))
-    assert len(rows) == 1
-    p = rows[0]
+    rows = {r["metric"]: r for r in csv.DictReader(open(out / "paired.csv"))}
+    assert sorted(rows) == ["dice", "dice:a", "dice:b"]
+    # per class, the same pairing: class a .1 .05 -.05, class b (.1+.3)/2 .05 -.05
+    assert float(rows["dice:a"]["mean_diff"]) == pytest.approx(0.1 / 3)
+    assert float(rows["dice:b"]["mean_diff"]) == pytest.approx(0.2 / 3)
+    assert [float(x) for x in rows["dice:b"]["mean_diff_per_seed"].split()] == pytest.approx([0.0, 0.4 / 3], abs=1e-6)
+    p = rows["dice"]
     assert p["trainer"] == "nnUNetTrainerMeanTeacher" and p["seeds"] == "0 1" and int(p["n_cases"]) == 3
     assert float(p["mean_diff"]) == pytest.approx((0.15 + 0.05 - 0.05) / 3)
     # seed 0: (.1 + 0 - .1) / 3 = 0; seed 1: (.2 + .1 + 0) / 3 = .1
@@ -195,7 +199,10 @@ def test_report_pairs_cases_over_seeds_against_the_baseline(tmp_path):
     results = {(r["trainer"], r["seed"]): r for r in csv.DictReader(open(out / "results.csv"))}
     assert float(results[("nnUNetTrainerMeanTeacher", "1")]["dice"]) == pytest.approx((0.9 + 0.6 + 0.8) / 3)
     assert float(results[("nnUNetTrainerSupervised", "0")]["hd95"]) == pytest.approx(2.0)  # NaN class skipped
+    assert float(results[("nnUNetTrainerMeanTeacher", "1")]["dice_b"]) == pytest.approx((0.9 + 0.6 + 0.7) / 3)
     text = (out / "report.md").read_text()
+    assert "## Test Dice per class" in text and "| 2 labeled · a | 2 labeled · b |" in text
+    assert f"| nnUNetTrainerMeanTeacher | 2 | b | 2 | 3 | {0.2 / 3:+.4f} |" in text
     mt_mean = np.mean([(0.8 + 0.5 + 0.7) / 3, (0.9 + 0.6 + 0.8) / 3])
     assert f"{mt_mean:.4f} ± " in text
     assert f"| s0 +0.0000 (p {seed_p[0]:.2g}), s1 +0.1000 (p {seed_p[1]:.2g}) |" in text
@@ -211,7 +218,7 @@ def test_report_explains_the_training_noise_control(tmp_path):
     _fake_run(out, s, layout.BASELINE, "2", 0, {"c1": (0.8, 0.6), "c2": (0.5, 0.5)})
     _fake_run(out, s, layout.RESEEDED, "2", 0, {"c1": (0.7, 0.6), "c2": (0.5, 0.7)})
     report.write_report(out)
-    (row,) = csv.DictReader(open(out / "paired.csv"))
+    (row,) = [r for r in csv.DictReader(open(out / "paired.csv")) if r["metric"] == "dice"]
     # case means: baseline .7 .5, reseeded .65 .6 -> differences -.05 and +.1
     assert row["trainer"] == layout.RESEEDED and float(row["mean_diff"]) == pytest.approx(0.025)
     assert "training randomness alone" in (out / "report.md").read_text()
@@ -225,7 +232,16 @@ def test_report_explains_the_training_noise_control(tmp_path):
     _fake_run(out, s, "nnUNetTrainerMeanTeacher", "2", 0, {"c1": (0.8, 0.6), "c2": (0.5, 0.6)})  # +.025
     _fake_run(out, s, "nnUNetTrainerFixMatch", "2", 0, {"c1": (0.9, 0.7), "c2": (0.6, 0.6)})  # +.1 and +.1
     report.write_report(out)
-    rows = {r["trainer"]: r for r in csv.DictReader(open(out / "paired.csv"))}
+    every = list(csv.DictReader(open(out / "paired.csv")))
+    rows = {r["trainer"]: r for r in every if r["metric"] == "dice"}
+    # per class, the floor is the control's on that class, not the mean's .05: a .1 (seed 1: -.2 and 0), b .1
+    # (seed 0: 0 and +.2); FixMatch's +.1 on each class is not beyond it
+    by_class = {(r["trainer"], r["metric"]): r for r in every}
+    for trainer, klass, diff in (("nnUNetTrainerFixMatch", "a", 0.1), ("nnUNetTrainerFixMatch", "b", 0.1),
+                                 ("nnUNetTrainerMeanTeacher", "b", 0.05)):
+        r = by_class[(trainer, "dice:" + klass)]
+        assert float(r["mean_diff"]) == pytest.approx(diff)
+        assert float(r["noise_floor"]) == pytest.approx(0.1) and r["beyond_noise"] == "False"
     assert float(rows[layout.RESEEDED]["mean_diff"]) == pytest.approx((0.025 - 0.05) / 2)
     for trainer, beyond in (("nnUNetTrainerMeanTeacher", "False"), ("nnUNetTrainerFixMatch", "True")):
         assert float(rows[trainer]["noise_floor"]) == pytest.approx(0.05) and rows[trainer]["beyond_noise"] == beyond
@@ -264,7 +280,8 @@ def test_report_pairs_each_composite_with_its_host(tmp_path):
     _fake_run(out, s, "nnUNetTrainerFixMatch", "2", 1, {"c1": (0.8, 0.6), "c2": (0.6, 0.6)})  # .7 .6
     _fake_run(out, s, "nnUNetTrainerFixMatchMetaSSL", "2", 0, {"c1": (0.9, 0.9), "c2": (0.6, 0.6)})  # .9 .6
     report.write_report(out)
-    rows = {(r["trainer"], r["reference"]): r for r in csv.DictReader(open(out / "paired.csv"))}
+    rows = {(r["trainer"], r["reference"]): r for r in csv.DictReader(open(out / "paired.csv"))
+            if r["metric"] == "dice"}
     assert set(rows) == {("nnUNetTrainerFixMatch", layout.BASELINE),
                          ("nnUNetTrainerFixMatchMetaSSL", layout.BASELINE),
                          ("nnUNetTrainerFixMatchMetaSSL", "nnUNetTrainerFixMatch")}
@@ -336,7 +353,7 @@ def test_records_carry_finished_runs_to_a_new_work_folder(tmp_path):
     for folder in (out, records, fresh):
         report.write_report(folder)
     assert (fresh / "paired.csv").read_text() == (out / "paired.csv").read_text()
-    (row,) = csv.DictReader(open(records / "paired.csv"))
+    (row,) = [r for r in csv.DictReader(open(records / "paired.csv")) if r["metric"] == "dice"]
     # case means: baseline .7 .5, Mean Teacher .75 .6 -> differences .05 and .1
     assert float(row["mean_diff"]) == pytest.approx(0.075)
     # one run trained (and resumed) on the same machine, one without provenance
