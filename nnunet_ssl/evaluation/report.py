@@ -261,7 +261,8 @@ def write_report(out: Path) -> Path:
         lines += ["", "## Paired per-case difference to the supervised baseline, per class (test Dice)", "",
                   "The same pairing on one class's Dice; cases where the class is in neither the label nor the "
                   "predictions are left out. The training-noise floor is the control's on the same class.", ""]
-        lines += _pair_table(class_pairs, "trainer", "", show_class=True)
+        lines += _pair_table(class_pairs, "trainer", "(no class has both the baseline and a trainer finished yet)",
+                             show_class=True)
     if hosts:
         lines += ["", "## Paired per-case difference of each composite to its host (test Dice)", "",
                   "A composite adds a loss or weighting to a host trainer; here it is paired with that host (the "
@@ -304,7 +305,7 @@ def _pair_table(pairs: list[dict], first: str, empty: str, show_class: bool = Fa
                      f"{p['mean_diff']:+.4f} | {per_seed} | [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}] | "
                      f"{p['better']} / {p['worse']} | {p['wilcoxon_p']:.3g} | {noise} |")
     if not pairs:
-        lines.append(f"| {empty or '(none yet)'} |" + " |" * (9 + show_class))
+        lines.append(f"| {empty} |" + " |" * (9 + show_class))
     return lines
 
 
