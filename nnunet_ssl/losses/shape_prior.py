@@ -59,6 +59,28 @@ def scores(assessments: list[list[Assessment]]) -> tuple[torch.Tensor, torch.Ten
     return fitted.reshape(-1, k), boundary.reshape(-1, k), regularity.reshape(-1, k)
 
 
+def ground_truth_pass_counts(label_maps: Sequence[np.ndarray], classes: Sequence[int],
+                             boundary_threshold: float, regularity_threshold: float,
+                             **settings) -> dict[int, tuple[int, int]]:
+    """Per class: (maps holding it, maps whose mask passes the gate), the gate applied to ground truth as if it were
+    the teacher's prediction. A map is 2D or 3D (class indices); of a 3D map the slice along the first axis with
+    the most pixels of the class is scored, as a 2d configuration sees it. "Holding" means at least
+    ``settings['min_pixels']`` (default 16) pixels in that slice; ``settings`` are assess's keywords."""
+    min_pixels = settings.get("min_pixels", 16)
+    counts = {c: [0, 0] for c in classes}
+    for label_map in label_maps:
+        volume = np.asarray(label_map)
+        volume = volume[None] if volume.ndim == 2 else volume
+        for c in classes:
+            areas = (volume == c).reshape(volume.shape[0], -1).sum(1)
+            if int(areas.max(initial=0)) < min_pixels:
+                continue
+            mask = volume[int(areas.argmax())] == c
+            counts[c][0] += 1
+            counts[c][1] += int(bool(gate([[assess(mask, **settings)]], boundary_threshold, regularity_threshold)))
+    return {c: (held, passed) for c, (held, passed) in counts.items()}
+
+
 @dataclass
 class RefinedTargets:
     """Refined labels and weights (B, K, H, W) float32 for the named classes, and which (b, k) are kept (B, K)."""

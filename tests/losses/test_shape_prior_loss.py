@@ -15,6 +15,7 @@ from nnunet_ssl.losses.shape_prior import (
     assess_batch,
     class_log_probabilities,
     gate,
+    ground_truth_pass_counts,
     mirror_consistency,
     refined_label_loss,
     refined_targets,
@@ -99,6 +100,30 @@ def test_assess_batch_scores_and_gate_on_constructed_masks():
     # thresholds are inclusive, and one per class
     assert gate(assessments, float(boundary[1, 1]), float(regularity[1, 1]))[1, 1]
     assert gate(assessments, [2.0, 0.0], [2.0, 0.0]).tolist() == [[False, True], [False, True], [False, True]]
+
+
+def test_ground_truth_pass_counts_score_the_largest_slice_and_skip_absent_classes():
+    shape = (32, 32)
+    disc = radius_map(Ellipse((16.0, 15.0), (9.0, 6.0), 0.4), shape).numpy() <= 1
+    cross = np.zeros(shape, bool)
+    cross[14:17, 4:28] = True
+    cross[4:28, 14:17] = True
+    flat = np.zeros(shape, np.int16)
+    flat[disc] = 2
+    flat[1:4, 1:4] = 1  # 9 pixels of class 1: fewer than min_pixels, so not held
+    # a 3D map: slice 1 holds the largest cross of class 1 and a small disc of class 2, slice 2 the larger disc
+    volume = np.zeros((3, *shape), np.int16)
+    volume[0, 2:6, 2:6] = 1
+    volume[1][cross] = 1
+    volume[1][radius_map(Ellipse((26.0, 26.0), (3.0, 3.0), 0.0), shape).numpy() <= 1] = 2
+    volume[2][disc] = 2
+    counts = ground_truth_pass_counts([flat, volume], (1, 2), 0.8, 0.9)
+    assert counts == {1: (1, 0), 2: (2, 2)}  # the cross is not convex; the discs pass
+    assessed = assess_batch(volume[1:2], (1,))
+    assert not gate(assessed, 0.8, 0.9)[0, 0] and assessed[0][0].regularity < 0.9
+    # min_pixels decides what is held: 9 pixels are enough at 9
+    assert ground_truth_pass_counts([flat], (1,), 0.8, 0.9, min_pixels=9)[1][0] == 1
+    assert ground_truth_pass_counts([], (1, 2), 0.8, 0.9) == {1: (0, 0), 2: (0, 0)}
 
 
 def test_refined_targets_are_the_ellipse_interior_and_the_profile():

@@ -17,7 +17,14 @@ from helpers import budget_split, budgeted_trainer, make_trainer, predict_in_pro
 from nnunet_ssl.compat.trainer import unwrap
 from nnunet_ssl.errors import SSLInputError
 from nnunet_ssl.losses.consistency import mse_consistency
-from nnunet_ssl.losses.shape_prior import assess_batch, gate, mirror_consistency, refined_label_loss, refined_targets
+from nnunet_ssl.losses.shape_prior import (
+    assess_batch,
+    gate,
+    ground_truth_pass_counts,
+    mirror_consistency,
+    refined_label_loss,
+    refined_targets,
+)
 from nnunet_ssl.parts.ellipse import Ellipse, radius_map
 from nnunet_ssl.trainers.base import full_resolution, paper_settings_of
 from nnunet_ssl.trainers.catalogue import nnUNetTrainerMeanTeacher, nnUNetTrainerMeanTeacherERSR
@@ -76,13 +83,34 @@ def test_3d_configurations_and_bad_settings_are_refused_with_one_line(planar, mo
 
 
 def test_classes_from_the_attribute_and_the_environment(planar, monkeypatch):
-    assert _planar_trainer(planar, monkeypatch).shape_classes == (1, 2)  # default: every foreground class
+    # default "auto": the labeled cases' ground truth, scored as the teacher's prediction would be; of the two
+    # labeled synthetic cases part1 (a blob) passes the gate in both, part2 (a thin shell) in neither
+    trainer = _planar_trainer(planar, monkeypatch)
+    maps = trainer.labeled_label_maps()
+    assert len(maps) == 2 and maps[0].ndim == 3
+    counts = ground_truth_pass_counts(maps, (1, 2), 0.8, 0.9)
+    assert counts == {1: (2, 2), 2: (2, 0)}
+    assert trainer.shape_classes == (1,)
+    assert ("ERSR classes chosen from the labeled ground truth (cases whose mask passes the gate / cases holding "
+            "the class: 1 (part1) 2/2; 2 (part2) 0/2): 1") in Path(trainer.log_file).read_text()
+    # no class passing is refused with one line
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ERSR, "labeled_label_maps", lambda self: [m * (m == 2) for m in maps])
+        with pytest.raises(SSLInputError) as error:
+            _ = _planar_trainer(planar, monkeypatch).shape_classes
+    assert "\n" not in str(error.value) and "1 (part1) 0/0; 2 (part2) 0/2" in str(error.value)
+    assert f"({ENV_SHAPE_PRIOR_CLASSES}=ID,...)" in str(error.value)
+    for text in ("all", None):
+        class Every(ERSR):
+            shape_prior_classes = text
+        assert _planar_trainer(planar, monkeypatch, cls=Every).shape_classes == (1, 2)
 
     class OnlyPart1(ERSR):
         shape_prior_classes = ("part1",)
 
     assert _planar_trainer(planar, monkeypatch, cls=OnlyPart1).shape_classes == (1,)
-    for text, expected in (("part2", (2,)), ("2", (2,)), (" part2, 1 ", (1, 2)), ("1,part1", (1,))):
+    for text, expected in (("part2", (2,)), ("2", (2,)), (" part2, 1 ", (1, 2)), ("1,part1", (1,)),
+                           ("all", (1, 2))):
         monkeypatch.setenv(ENV_SHAPE_PRIOR_CLASSES, text)
         assert _planar_trainer(planar, monkeypatch, cls=OnlyPart1).shape_classes == expected, text
     for text in ("liver", "0", "3", "part1,", "background"):
@@ -96,6 +124,7 @@ def test_classes_from_the_attribute_and_the_environment(planar, monkeypatch):
 
 
 def test_step_is_the_host_loss_plus_the_refined_labels_and_the_mirror_term(planar, monkeypatch):
+    monkeypatch.setenv(ENV_SHAPE_PRIOR_CLASSES, "all")
     trainer = budgeted_trainer(ERSR, planar, monkeypatch, configuration="2d")
     assert not trainer.ersr_adaptive_thresholds  # the default's fixed gate: tau_b 0.8, tau_r 0.9
     labels = _teacher_labels()
@@ -146,6 +175,7 @@ def test_step_is_the_host_loss_plus_the_refined_labels_and_the_mirror_term(plana
 
 
 def test_adaptive_thresholds_follow_each_class_and_resume(planar, monkeypatch, tmp_path):
+    monkeypatch.setenv(ENV_SHAPE_PRIOR_CLASSES, "all")
     trainer = budgeted_trainer(ERSR, planar, monkeypatch, configuration="2d")
     fitted = torch.tensor([[True, False], [True, True]])
     boundary = torch.tensor([[0.6, 0.0], [0.8, 0.95]], dtype=torch.float64)
@@ -193,6 +223,7 @@ def test_adaptive_thresholds_follow_each_class_and_resume(planar, monkeypatch, t
 
 
 def test_warnings_presets_and_cost(planar, monkeypatch):
+    monkeypatch.setenv(ENV_SHAPE_PRIOR_CLASSES, "all")
     trainer = _planar_trainer(planar, monkeypatch)
     base = {"ssl_ramp": 1.0, "ssl_unsup_share": 0.2, "ssl_other_share": 0.0, "ssl_ersr_fitted": 0.6,
             "ssl_ersr_kept": 0.4, "ssl_ersr_boundary": 0.9, "ssl_ersr_regularity": 0.95,
@@ -244,7 +275,9 @@ def test_short_2d_training_resumes_and_predicts(planar, monkeypatch):
                 "ssl_ersr_label_share", "ssl_ersr_mirror_share", "ssl_ersr_boundary_threshold"):
         assert len(log[key]) == 2 and all(math.isfinite(v) for v in log[key]), (key, log[key])
     text = Path(resumed.log_file).read_text()
-    assert "ERSR shape prior on class(es) 1 (part1), 2 (part2)" in text and "ersr: kept 1 (part1) " in text
+    # the default "auto" named part1 alone, in training and again on resuming
+    assert "ERSR shape prior on class(es) 1 (part1); class(es) [2] get the host's consistency only" in text
+    assert "ersr: kept 1 (part1) " in text and "2 (part2)" not in text.split("ersr: kept")[-1].split("\n")[0]
     assert (out / "progress_ssl.png").is_file() and (out / "checkpoint_final_teacher.pth").is_file()
     # nnUNetv2_predict, student and teacher: the 2d configuration predicts each volume slice by slice
     for checkpoint in ("checkpoint_final.pth", "checkpoint_final_teacher.pth"):
