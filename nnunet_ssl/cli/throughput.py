@@ -19,7 +19,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="nnUNetv2_ssl_throughput",
         description="Seconds per training iteration of SSL trainers against the supervised nnUNetTrainer on the "
         "same dataset, plans, configuration and fold, each trainer in a fresh process; also the share of each step "
-        "spent waiting for data, peak memory and the analytic compute (forward = 1, backward = 2 units). Prints a "
+        "spent waiting for data, peak memory, the analytic compute (forward = 1, backward = 2 units) and the FLOPs of "
+        "one step counted by torch's FlopCounterMode. Prints a "
         "markdown table; -o also writes it with the command and machine details.",
     )
     p.add_argument("-d", required=True, metavar="DATASET", help="dataset id or name")
@@ -34,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=1,
                    help="run the list of trainers this many times, interleaved (A B C A B C), and pool the measured "
                    "iterations, so that a change of the machine's load hits every trainer alike (default 1)")
+    p.add_argument("--at", type=float, default=0.5, metavar="FRACTION",
+                   help="time the steps at this point of the run: each trainer is put at the start of epoch "
+                   "round(FRACTION x epochs) as a resumed run would be (default 0.5; 0 times the first epoch, where "
+                   "staged trainers such as BCP and MLB-Seg still run their cheaper first stage)")
     p.add_argument("-device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda if available, else cpu")
     p.add_argument("-o", default=None, metavar="FILE.md", help="also write the table, command and machine to FILE")
@@ -57,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             report = run_throughput(args.d, args.c, args.p, args.f, args.tr, args.iterations, args.warmup,
-                                    args.rounds, args.device, args.o, args.note, shown)
+                                    args.rounds, args.device, args.o, args.note, shown, args.at)
             print(report.table)
             if args.o:
                 print(f"written to {args.o}")

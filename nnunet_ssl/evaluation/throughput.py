@@ -19,7 +19,11 @@ quality predictor) are still read from the user's ``nnUNet_results``.
 The analytic compute counts network passes of one sample: forward = 1, backward = 2 (the usual estimate that a
 backward pass costs about two forwards), so nnU-Net's supervised step costs ``3 B`` for a labeled batch ``B``.
 SSL trainers declare their count in ``compute_units(B, U)`` (:meth:`nnunet_ssl.trainers.base.nnUNetTrainerSSL
-.compute_units`); losses, augmentation and EMA updates are not counted.
+.compute_units`); losses, augmentation and EMA updates are not counted. Units weigh every network and every pass
+alike; the FLOPs of one more real step, counted by torch's ``FlopCounterMode`` after the timed steps
+(:func:`.throughput_measure.count_flops`), weigh them by their convolutions and matrix products, so a heavier
+second network or a small quality predictor counts for what it computes. "time ÷ FLOPs" (time ratio over FLOP
+ratio, both against the supervised step) is then the overhead beyond network compute: 1.00 when there is none.
 
 Parts: :mod:`.throughput_measure` (one trainer, in one process), :mod:`.throughput_worker` (the fresh process per
 trainer), :mod:`.throughput_table` (compute units and the table); the command line is
@@ -65,14 +69,17 @@ class ThroughputReport:
 def run_throughput(dataset: str, configuration: str, plans: str = "nnUNetPlans", fold: str = "0",
                    trainers: Sequence[str] | None = None, iterations: int = 10, warmup: int = 3, rounds: int = 1,
                    device: str | None = None, output: str | None = None, note: str | None = None,
-                   command_line: str = "") -> ThroughputReport:
+                   command_line: str = "", at_fraction: float = 0.5) -> ThroughputReport:
     """Times every trainer (``trainers``, default ``default_trainers()``; the reference is always added) and returns
     the markdown document, also written to ``output`` when given. ``fold`` is a number or ``"all"``, ``device``
-    ``cpu``, ``cuda`` or None (cuda if available); ``command_line`` is shown in the document."""
+    ``cpu``, ``cuda`` or None (cuda if available); ``command_line`` is shown in the document; the steps are timed
+    at the start of the epoch ``round(at_fraction * num_epochs)``."""
     from nnunet_ssl.data import datasets
 
     if iterations < 1 or warmup < 0 or rounds < 1:
         raise SSLInputError("need --iterations >= 1, --warmup >= 0 and --rounds >= 1")
+    if not 0.0 <= at_fraction < 1.0:
+        raise SSLInputError(f"--at {at_fraction} is not in [0, 1): give the point of the run to time, e.g. 0.5")
     fold_value: int | str | None = fold if fold == "all" else int(fold) if fold.isdigit() else None
     if fold_value is None:
         raise SSLInputError(f"fold {fold!r} is not a number or 'all'; pass e.g. -f 0")
@@ -101,7 +108,8 @@ def run_throughput(dataset: str, configuration: str, plans: str = "nnUNetPlans",
     scratch = tempfile.mkdtemp(prefix="nnunet_ssl_throughput_")
     os.makedirs(os.path.join(scratch, "results"))
     spec = {"dataset": name, "configuration": configuration, "plans": plans, "fold": fold_value, "device": device,
-            "warmup": warmup, "iterations": iterations, "scratch_results": os.path.join(scratch, "results")}
+            "warmup": warmup, "iterations": iterations, "scratch_results": os.path.join(scratch, "results"),
+            "at_fraction": at_fraction}
     runs: dict[str, list[TrainerTiming]] = {n: [] for n in names}
     try:
         bar = tqdm([(r, n) for r in range(rounds) for n in names], desc="trainer runs", unit="run")
@@ -123,13 +131,15 @@ def run_throughput(dataset: str, configuration: str, plans: str = "nnUNetPlans",
     table = markdown_table(table_rows(results, classes, cm.batch_size))
     ok = [r for r in results if r.status == "ok"]
     da = sorted({r.n_proc_da for r in ok if r.n_proc_da is not None})
+    epochs = sorted({r.epoch for r in ok if r.epoch is not None})
     threads = sorted({r.torch_threads for r in ok if r.torch_threads is not None})
     settings = [
         f"- dataset {name}, plans `{plans}`, configuration `{configuration}`, fold {fold_value}: patch "
         f"{list(cm.patch_size)}, labeled batch B = {cm.batch_size}, features per stage "
         f"{cm.network_arch_init_kwargs.get('features_per_stage')}",
         f"- {rounds} round(s), trainers interleaved; per round and trainer a fresh process with {warmup} "
-        f"warm-up + {iterations} measured iterations (pooled over rounds); "
+        f"warm-up + {iterations} measured iterations (pooled over rounds) at the start of epoch "
+        f"{', '.join(map(str, epochs)) or '?'} ({at_fraction:g} of the run, as a resumed run); "
         f"data-augmentation workers (nnUNet_n_proc_DA): {', '.join(map(str, da)) or '?'}; torch threads: "
         f"{', '.join(map(str, threads)) or '?'}",
         f"- load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f}",
@@ -153,6 +163,11 @@ def run_throughput(dataset: str, configuration: str, plans: str = "nnUNetPlans",
         "2 · 3 (B + U); quality-guided trainers add the quality predictor's passes, U + 3 U with QAR (U + U "
         "without), although it is a smaller network. Losses, augmentation and EMA updates are not counted. "
         "B / U: labeled / unlabeled batch.",
+        "- GFLOP / it: floating-point operations of one more training step after the timed ones, backward included, "
+        "counted by torch's `FlopCounterMode` (convolutions and matrix products, 2 per multiply-add; normalisation, "
+        "activations, losses and optimizer updates not counted); FLOPs × supervised: over the reference's count; "
+        "time ÷ FLOPs: time × supervised over FLOPs × supervised, the share of extra time that is not network "
+        "compute (1.00: none).",
         "- Absolute seconds depend on the machine and on what else runs on it; ratios measured in the same run are "
         "the comparable numbers.",
     ])

@@ -1,4 +1,5 @@
-"""One trainer's training steps timed in this process: step time, data wait and peak memory (``TrainerTiming``).
+"""One trainer's training steps timed in this process: step time, data wait, peak memory and the floating-point
+operations of one more step (``TrainerTiming``).
 
 See :mod:`nnunet_ssl.evaluation.throughput` for what is measured and how; :mod:`.throughput_worker` runs this in a
 fresh process per trainer.
@@ -12,6 +13,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
@@ -36,6 +38,9 @@ class TrainerTiming:
     loaders: list[str] = field(default_factory=list)
     torch_threads: int | None = None
     n_proc_da: int | None = None
+    epoch: int | None = None  # the epoch the steps were timed in
+    step_flops: float | None = None  # one training step, backward included (:func:`count_flops`)
+    flops_note: str = ""  # why step_flops is None
 
     @property
     def median(self) -> float:
@@ -100,6 +105,39 @@ def _is_loader(value) -> bool:
     return isinstance(value, (SingleThreadedAugmenter, NonDetMultiThreadedAugmenter, MultiThreadedAugmenter))
 
 
+def count_flops(step: Callable[[], object]) -> float:
+    """Floating-point operations of one call of ``step``, its backward passes included, as torch's
+    ``FlopCounterMode`` counts them: convolutions and matrix products at 2 per multiply-add, gradients only where
+    autograd computes them. Normalisation, activations, losses and optimizer updates are not counted, so this is
+    the network compute of the step, the floor its time cannot go below for long."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def _step_flops(trainer, labeled) -> tuple[float | None, str]:
+    """(FLOPs of one more training step, why None): counted outside the timed steps, since the counter slows the
+    step it watches; not under torch.compile, whose graphs the counter does not see."""
+    from nnunet_ssl.compat.trainer import should_compile
+
+    if should_compile(trainer):
+        return None, "FLOPs not counted under torch.compile (nnUNet_compile=f counts them)"
+    try:
+        return count_flops(lambda: trainer.train_step(next(labeled))), ""
+    except Exception as e:  # a step the counter cannot follow (e.g. an op it does not know) keeps its timing
+        return None, f"FLOPs not counted: {type(e).__name__}"
+
+
+def place_at_epoch(trainer, epoch: int) -> None:
+    """Puts a trainer at the start of ``epoch`` as a resumed run would be: nnU-Net's epoch (the learning rate
+    follows in ``on_epoch_start``) and, for SSL trainers, the step counter that schedules their stages and ramps."""
+    trainer.current_epoch = int(epoch)
+    if hasattr(trainer, "ssl_step"):
+        trainer.ssl_step = int(epoch) * int(trainer.num_iterations_per_epoch)
+
+
 def _rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
@@ -107,8 +145,11 @@ def _rss_mb() -> float:
 
 def measure_trainer(trainer_name: str, dataset_name: str, configuration: str, plans_identifier: str, fold,
                     device: str, warmup: int, iterations: int, progress: bool = True,
-                    scratch_results: str | None = None) -> TrainerTiming:
-    """Builds one trainer in this process and times ``warmup + iterations`` training steps (see module docstring).
+                    scratch_results: str | None = None, at_fraction: float = 0.5) -> TrainerTiming:
+    """Builds one trainer in this process, times ``warmup + iterations`` training steps (see module docstring) and
+    counts the FLOPs of one more (:func:`count_flops`; peak memory is read before it). The steps are those of the
+    epoch ``round(at_fraction * num_epochs)`` (:func:`place_at_epoch`): the middle of the run by default, where the
+    staged trainers (BCP's pre-training, MLB-Seg's warm-up, ...) are past their cheaper first stage.
 
     nnU-Net's folders come from the environment. With ``scratch_results``, the trainer is constructed with
     ``nnUNet_results`` pointing there (nnU-Net fixes its output folder, log and debug files in ``__init__``) and
@@ -152,6 +193,8 @@ def measure_trainer(trainer_name: str, dataset_name: str, configuration: str, pl
         result.unlabeled_batch = getattr(trainer, "unlabeled_batch_size_per_rank", None)
         result.torch_threads = torch.get_num_threads()
         result.n_proc_da = get_allowed_n_proc_DA()
+        result.epoch = min(int(round(at_fraction * trainer.num_epochs)), trainer.num_epochs - 1)
+        place_at_epoch(trainer, result.epoch)
         trainer.on_epoch_start()
         trainer.on_train_epoch_start()
         cuda = torch_device.type == "cuda"
@@ -174,6 +217,7 @@ def measure_trainer(trainer_name: str, dataset_name: str, configuration: str, pl
                 result.step_seconds.append(seconds)
                 result.wait_seconds.append(sum(t.waited for t in timed.values()) - waited_before)
         result.peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb()
+        result.step_flops, result.flops_note = _step_flops(trainer, labeled)
         return result
     finally:
         if trainer is not None:

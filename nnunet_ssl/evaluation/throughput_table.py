@@ -1,5 +1,5 @@
-"""The throughput table: analytic compute per trainer (forward = 1, backward = 2 units per sample), the rows of
-measured times against the supervised reference, and the machine it ran on."""
+"""The throughput table: analytic compute per trainer (forward = 1, backward = 2 units per sample), the counted
+FLOPs of one step, the rows of measured times against the supervised reference, and the machine it ran on."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ REFERENCE_TRAINER = "nnUNetTrainerSupervised"
 
 
 TABLE_COLUMNS = ["trainer", "s/it median", "s/it mean", "time × supervised", "data wait", "peak memory (MB)",
-                 "B / U", "compute units", "units × supervised", "notes"]
+                 "B / U", "compute units", "units × supervised", "GFLOP / it", "FLOPs × supervised", "time ÷ FLOPs",
+                 "notes"]
 
 
 def default_trainers() -> list[str]:
@@ -61,15 +62,17 @@ def analytic_units(cls: type, labeled_batch: int, unlabeled_batch: int | None) -
 
 
 def merge_rounds(runs: Sequence[TrainerTiming]) -> TrainerTiming:
-    """One trainer's rounds as one result: measured iterations pooled, the highest peak memory; a skipped or failed
-    round makes the whole result skipped or failed."""
+    """One trainer's rounds as one result: measured iterations pooled, the highest peak memory, the first round's
+    counted FLOPs; a skipped or failed round makes the whole result skipped or failed."""
     bad = next((r for r in runs if r.status != "ok"), None)
     if bad is not None:
         return bad
     first = runs[0]
     peaks = [r.peak_memory_mb for r in runs if r.peak_memory_mb is not None]
     starts = [r.start_memory_mb for r in runs if r.start_memory_mb is not None]
+    counted = next((r for r in runs if r.step_flops is not None), first)
     return TrainerTiming(**{**asdict(first),
+                            "step_flops": counted.step_flops, "flops_note": counted.flops_note,
                             "step_seconds": [s for r in runs for s in r.step_seconds],
                             "wait_seconds": [s for r in runs for s in r.wait_seconds],
                             "peak_memory_mb": max(peaks) if peaks else None,
@@ -86,8 +89,10 @@ def _fmt_units(u: float) -> str:
 
 def table_rows(results: Sequence[TrainerTiming], classes: dict[str, type], plans_batch: int,
                reference: str = REFERENCE_TRAINER) -> list[list[str]]:
-    """One row of strings per trainer, in TABLE_COLUMNS order."""
+    """One row of strings per trainer, in TABLE_COLUMNS order. "time ÷ FLOPs" is the time ratio over the FLOP ratio,
+    both against the reference: 1.00 when a trainer's extra time is all network compute."""
     ref = next((r for r in results if r.trainer == reference and r.status == "ok"), None)
+    ref_flops = ref.step_flops if ref is not None and ref.step_flops else None
     ref_units = 3.0 * (ref.labeled_batch if ref is not None else plans_batch)
     rows = []
     for r in results:
@@ -99,17 +104,25 @@ def table_rows(results: Sequence[TrainerTiming], classes: dict[str, type], plans
         notes = []
         if r.status != "ok":
             notes.append(f"{r.status}: {r.reason}")
+        elif r.flops_note:
+            notes.append(r.flops_note)
         if source and source not in ("nnU-Net step", "declared by the trainer") and cls.__module__ != CATALOGUE:
             notes.append(f"units: {source}")  # a user subclass's inherited count may miss what it adds
         bu = f"{b} / {u}" if u is not None else f"{b} / –"
         units_cells = ["n/a", "n/a"] if units is None else [_fmt_units(units), f"{units / ref_units:.2f}"]
+        flops_cells = ["–"] * 3
         if r.status == "ok" and r.step_seconds:
             ratio = f"{r.median / ref.median:.2f}" if ref is not None else "n/a"
             cells = [_fmt_seconds(r.median), _fmt_seconds(r.mean), ratio, f"{100 * r.wait_share:.0f} %",
                      f"{r.peak_memory_mb:.0f}"]
+            if r.step_flops is not None:
+                flop_ratio = r.step_flops / ref_flops if ref_flops else None
+                flops_cells = [f"{r.step_flops / 1e9:.3g}", "n/a" if flop_ratio is None else f"{flop_ratio:.2f}",
+                               "n/a" if flop_ratio is None or ref is None
+                               else f"{r.median / ref.median / flop_ratio:.2f}"]
         else:
             cells = ["–"] * 5
-        rows.append([f"`{r.trainer}`", *cells, bu, *units_cells, "; ".join(notes).replace("|", "/")])
+        rows.append([f"`{r.trainer}`", *cells, bu, *units_cells, *flops_cells, "; ".join(notes).replace("|", "/")])
     return rows
 
 

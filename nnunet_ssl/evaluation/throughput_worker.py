@@ -28,7 +28,8 @@ def _worker(spec_file: str, out_file: str) -> int:
         with contextlib.redirect_stdout(log):
             result = measure_trainer(spec["trainer"], spec["dataset"], spec["configuration"], spec["plans"],
                                      spec["fold"], spec["device"], spec["warmup"], spec["iterations"],
-                                     scratch_results=spec.get("scratch_results"))
+                                     scratch_results=spec.get("scratch_results"),
+                                     at_fraction=spec.get("at_fraction", 0.5))
     except SSLInputError as e:
         result = TrainerTiming(spec["trainer"], status="skipped", reason=e.message)
     except Exception as e:  # reported in the table; the traceback stays in the log

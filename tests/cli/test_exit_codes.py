@@ -51,11 +51,12 @@ def test_throughput_prints_the_table_and_fails_with_the_failed_trainers(monkeypa
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # shown in front of the command, as it changes the timing
     out = str(tmp_path / "t.md")
-    assert throughput_cli.main(["-d", "4", "-c", "3d_fullres", "-o", out, "--note", "a b"]) == 0
+    assert throughput_cli.main(["-d", "4", "-c", "3d_fullres", "-o", out, "--note", "a b", "--at", "0.25"]) == 0
     assert capsys.readouterr().out.splitlines() == ["| table |", f"written to {out}"]
     (args,) = calls
     assert args[:10] == ("4", "3d_fullres", "nnUNetPlans", "0", None, 10, 3, 1, None, out)
-    assert args[10:] == ("a b", f"OMP_NUM_THREADS=1 nnUNetv2_ssl_throughput -d 4 -c 3d_fullres -o {out} --note 'a b'")
+    assert args[10:] == ("a b", f"OMP_NUM_THREADS=1 nnUNetv2_ssl_throughput -d 4 -c 3d_fullres -o {out} --note 'a b' "
+                                "--at 0.25", 0.25)
 
     monkeypatch.setattr(throughput, "run_throughput", lambda *a: _report(["nnUNetTrainerCPS"]))
     with pytest.raises(SystemExit) as exit_info:

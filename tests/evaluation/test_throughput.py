@@ -11,7 +11,7 @@ from helpers import case_ids, write_budget_splits
 from nnunet_ssl import trainers
 from nnunet_ssl.errors import SSLInputError
 from nnunet_ssl.evaluation.throughput import run_throughput
-from nnunet_ssl.evaluation.throughput_measure import TrainerTiming, measure_trainer
+from nnunet_ssl.evaluation.throughput_measure import TrainerTiming, count_flops, measure_trainer
 from nnunet_ssl.evaluation.throughput_table import (
     REFERENCE_TRAINER,
     TABLE_COLUMNS,
@@ -110,11 +110,46 @@ def test_table_rows_ratios_and_skipped_row():
     assert (mt["compute units"], mt["units × supervised"], mt["B / U"]) == ("14", "2.33", "2 / 2")
 
 
+def test_table_flops_columns_against_the_reference():
+    results = [
+        TrainerTiming(REFERENCE_TRAINER, step_seconds=[2.0], wait_seconds=[0.0], peak_memory_mb=1.0,
+                      labeled_batch=2, step_flops=4e9),
+        # 3x the time for 2.5x the FLOPs: 1.2x of its time is not network compute
+        TrainerTiming("nnUNetTrainerCPS", step_seconds=[6.0], wait_seconds=[0.0], peak_memory_mb=1.0,
+                      labeled_batch=2, unlabeled_batch=2, step_flops=10e9),
+        TrainerTiming("nnUNetTrainerMeanTeacher", step_seconds=[5.0], wait_seconds=[0.0], peak_memory_mb=1.0,
+                      labeled_batch=2, unlabeled_batch=2, flops_note="FLOPs not counted: RuntimeError"),
+    ]
+    classes = {r.trainer: getattr(trainers, r.trainer) for r in results}
+    ref, cps, mt = _parse(markdown_table(table_rows(results, classes, plans_batch=2)))
+    assert (ref["GFLOP / it"], ref["FLOPs × supervised"], ref["time ÷ FLOPs"]) == ("4", "1.00", "1.00")
+    assert (cps["GFLOP / it"], cps["FLOPs × supervised"], cps["time ÷ FLOPs"]) == ("10", "2.50", "1.20")
+    assert (mt["GFLOP / it"], mt["FLOPs × supervised"], mt["time ÷ FLOPs"]) == ("–", "–", "–")
+    assert mt["notes"] == "FLOPs not counted: RuntimeError" and mt["time × supervised"] == "2.50"
+    # without a counted reference the ratios are unknown, the count itself is still shown
+    rows = _parse(markdown_table(table_rows(results[1:], classes, plans_batch=2)))
+    assert (rows[0]["GFLOP / it"], rows[0]["FLOPs × supervised"], rows[0]["time ÷ FLOPs"]) == ("10", "n/a", "n/a")
+
+
+def test_count_flops_matches_a_hand_count_with_backward():
+    import torch
+
+    first, second = torch.nn.Linear(4, 3, bias=False), torch.nn.Linear(3, 2, bias=False)
+    x = torch.randn(5, 4)
+    # forward 2*5*4*3 + 2*5*3*2 = 180; backward: the second layer's weight and input gradients (60 + 60) and the
+    # first layer's weight gradient (120); x needs no gradient, so its input gradient is not computed
+    assert count_flops(lambda: second(first(x)).sum().backward()) == 420
+    with torch.no_grad():
+        assert count_flops(lambda: second(first(x))) == 180
+
+
 def test_merge_rounds_pools_iterations_and_keeps_refusals():
     a = TrainerTiming("T", step_seconds=[1.0], wait_seconds=[0.1], peak_memory_mb=10.0, start_memory_mb=5.0)
     b = TrainerTiming("T", step_seconds=[3.0], wait_seconds=[0.2], peak_memory_mb=30.0, start_memory_mb=6.0)
+    b.step_flops = 7.0
     merged = merge_rounds([a, b])
     assert merged.step_seconds == [1.0, 3.0] and merged.wait_seconds == [0.1, 0.2]
+    assert merged.step_flops == 7.0  # the round that counted them
     assert merged.peak_memory_mb == 30.0 and merged.start_memory_mb == 5.0
     skipped = TrainerTiming("T", status="skipped", reason="r")
     assert merge_rounds([a, skipped]).status == "skipped"
@@ -123,7 +158,8 @@ def test_merge_rounds_pools_iterations_and_keeps_refusals():
 @pytest.mark.parametrize("kwargs, message", [({"iterations": 0}, "need --iterations >= 1"),
                                              ({"warmup": -1}, "need --iterations >= 1"),
                                              ({"rounds": 0}, "need --iterations >= 1"),
-                                             ({"fold": "x"}, "fold 'x' is not a number or 'all'")])
+                                             ({"fold": "x"}, "fold 'x' is not a number or 'all'"),
+                                             ({"at_fraction": 1.0}, r"--at 1.0 is not in \[0, 1\)")])
 def test_run_throughput_refuses_bad_counts_and_folds_before_reading_anything(kwargs, message, monkeypatch):
     monkeypatch.delenv("nnUNet_preprocessed", raising=False)
     with pytest.raises(SSLInputError, match=message):
@@ -165,6 +201,29 @@ def test_trainer_without_unlabeled_data_is_skipped_and_supervised_is_timed(copy_
     assert all(0 <= w <= s for w, s in zip(timed.wait_seconds, timed.step_seconds, strict=True))
     assert timed.loaders == ["dataloader_train"] and timed.labeled_batch >= 1 and timed.unlabeled_batch is None
     assert timed.peak_memory_mb >= timed.start_memory_mb > 0
+    assert timed.step_flops > 0 and timed.flops_note == ""
+
+
+def test_steps_are_timed_and_counted_where_the_run_is_placed(copy_planned, monkeypatch, tmp_path):
+    import math
+
+    from nnunet_ssl.parts.copy_paste import number_of_pairs
+
+    root, dataset = copy_planned["root"], copy_planned["dataset"]
+    pp = root / "preprocessed" / dataset
+    ids = case_ids(pp)
+    write_budget_splits(pp, ids[:4], ids[4:6], ids[6:])
+    _env(monkeypatch, root)
+    scratch = str(tmp_path / "scratch")
+    first, middle = (measure_trainer("nnUNetTrainerBCP", dataset, "3d_fullres", "nnUNetPlans", 0, "cpu", 0, 1,
+                                     progress=False, scratch_results=scratch, at_fraction=f) for f in (0.0, 0.5))
+    assert first.epoch == 0 and middle.epoch > 0
+    b, u = middle.labeled_batch, middle.unlabeled_batch
+    # epoch 0 is BCP's pre-training: one pass pair on ceil(B / 2) mixed images; the middle is self-training: the
+    # 2n mixed images and the plain labeled batch with gradient, the teacher on U (BCP.compute_units' counts)
+    stage0 = 3 * math.ceil(b / 2)
+    stage1 = 3 * 2 * number_of_pairs(b, u) + 3 * b + u
+    assert middle.step_flops / first.step_flops == pytest.approx(stage1 / stage0, rel=0.03)
 
 
 @pytest.mark.slow
@@ -190,6 +249,9 @@ def test_command_writes_a_parsable_table(copy_planned, tmp_path):
         assert row["notes"] == ""
     assert rows[0]["time × supervised"] == "1.00" and rows[0]["units × supervised"] == "1.00"
     assert float(rows[1]["units × supervised"]) == pytest.approx(7 / 3, abs=0.01)  # (3 (B + B) + B) / 3 B
+    # the counted FLOPs agree with the passes: the student on B + U and the teacher on U of the same network
+    assert float(rows[1]["FLOPs × supervised"]) == pytest.approx(7 / 3, abs=0.05)
+    assert rows[0]["FLOPs × supervised"] == "1.00" and float(rows[0]["GFLOP / it"]) > 0
     assert re.search(r"\| `nnUNetTrainerMeanTeacher` \|", proc.stdout)
     # nothing was written to the user's results folder
     assert not any((root / "results").iterdir())
